@@ -1,0 +1,1 @@
+"""Checkpoint conversion in and out of transformers' format, safetensors I/O, tokenizers."""

@@ -1,0 +1,274 @@
+"""Transformer pieces shared by BERT, ViT, GPT-2 and CLIP.
+
+Every parameter is created through `nn.with_logical_partitioning`, so that the sharding engine
+(`ptm_jax.partitioning`) can map its logical axes onto a device mesh. The logical axis names:
+
+  vocab     token-embedding rows              embed    the model (residual) width
+  heads     the joined heads x head_dim axis  mlp      the feed-forward hidden width
+  position  rows of a position table          classes  classifier outputs
+  conv_in / conv_out  channels of a convolution kernel (H, W, in, out)
+
+Shapes in names follow nanodo: x_BxTxD is (batch, tokens, width); N heads of H dims.
+Parameters default to float32; `dtype` is the compute dtype (bf16 for mixed precision).
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def gelu_exact(x):
+  """GELU with the erf form, as BERT, ViT and torch.nn.GELU() compute it."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+  """GELU with the tanh approximation ("gelu_new" in GPT-2)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x):
+  """CLIP's x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Keys are transformers' `hidden_act` names, so a config.json maps straight onto a function.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': gelu_exact,
+    'gelu_new': gelu_tanh,
+    'gelu_pytorch_tanh': gelu_tanh,
+    'gelu_fast': gelu_tanh,
+    'quick_gelu': quick_gelu,
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+    'tanh': jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f'Unknown activation {name!r}; known: {sorted(ACTIVATIONS)}.') from None
+
+
+def normal(std: float) -> Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtype: Dtype,
+          param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+          kernel_init: Initializer = normal(0.02)) -> nn.Dense:
+  """nn.Dense whose (in, out) kernel and bias carry logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  # use_fast_variance=False: the two-pass variance that torch computes, for exact parity.
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+def embed(num: int, features: int, axes: tuple[str | None, str | None], *, name: str,
+          dtype: Dtype, param_dtype: Dtype = jnp.float32, std: float = 0.02) -> nn.Embed:
+  return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  embedding_init=nn.with_logical_partitioning(normal(std), axes))
+
+
+def padding_mask(attention_mask_BxS: jax.Array | None) -> jax.Array | None:
+  """(B, S) 1/0 mask of real/padded keys -> boolean (B, 1, 1, S) for every query and head."""
+  if attention_mask_BxS is None:
+    return None
+  return attention_mask_BxS.astype(bool)[:, None, None, :]
+
+
+def check_length(length: int, max_length: int, what: str = 'input_ids'):
+  if length > max_length:
+    raise ValueError(
+        f'{what} has {length} positions but the position table holds {max_length}: truncate the '
+        f'input to {max_length} tokens (or resample the position embeddings).')
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with separate query/key/value/out projections (torch's layout).
+
+  Attention runs through `jax.nn.dot_product_attention`, so a fused kernel (cuDNN flash attention)
+  can be picked on GPU. Dropout on the attention probabilities has no fused form: while it is
+  active (training with attention_dropout > 0) the probabilities are computed explicitly.
+
+  With decode=True the keys and values are appended to a 'cache' collection of shape
+  (B, max_length, N, H) that `init_cache` sizes; queries attend to every cached position up to
+  their own, so a causal model can be decoded one token (or one prompt) at a time.
+  """
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  attention_dropout: float = 0.0
+  init_std: float = 0.02
+  out_init_std: float | None = None  # GPT-2 scales its residual projections by 1/sqrt(2 L).
+  attention_impl: str | None = None   # None (let JAX pick), 'xla' or 'cudnn'.
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask=None, *, causal: bool = False, deterministic: bool = True,
+               decode: bool = False):
+    """x_BxTxD -> (B, T, D). mask: boolean, broadcastable to (B, N, T, S); True = attend."""
+    b, t, d = x_BxTxD.shape
+    inner = self.num_heads * self.head_dim
+    proj = functools.partial(dense, inner, ('embed', 'heads'), dtype=self.dtype,
+                             param_dtype=self.param_dtype, use_bias=self.use_bias,
+                             kernel_init=normal(self.init_std))
+    split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
+    q_BxTxNxH = split(proj(name='query')(x_BxTxD))
+    k_BxSxNxH = split(proj(name='key')(x_BxTxD))
+    v_BxSxNxH = split(proj(name='value')(x_BxTxD))
+
+    if decode:
+      k_BxSxNxH, v_BxSxNxH, mask = self._append_to_cache(k_BxSxNxH, v_BxSxNxH, mask, causal)
+      causal = False  # folded into the mask above
+
+    if self.attention_dropout > 0.0 and not deterministic:
+      out_BxTxNxH = self._attention_with_dropout(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask, causal)
+    else:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask=mask, is_causal=causal,
+          implementation=self.attention_impl)
+
+    out_std = self.init_std if self.out_init_std is None else self.out_init_std
+    return dense(d, ('heads', 'embed'), name='out', dtype=self.dtype,
+                 param_dtype=self.param_dtype, use_bias=self.use_bias,
+                 kernel_init=normal(out_std))(out_BxTxNxH.reshape(b, t, inner))
+
+  def _attention_with_dropout(self, q, k, v, mask, causal):
+    logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+    if causal:
+      t, s = q.shape[1], k.shape[1]
+      causal_mask = jnp.tril(jnp.ones((t, s), bool))[None, None]
+      mask = causal_mask if mask is None else jnp.logical_and(mask, causal_mask)
+    if mask is not None:
+      logits_BxNxTxS = jnp.where(mask, logits_BxNxTxS, jnp.finfo(logits_BxNxTxS.dtype).min)
+    probs = jax.nn.softmax(logits_BxNxTxS.astype(jnp.float32), axis=-1).astype(q.dtype)
+    probs = nn.Dropout(self.attention_dropout)(probs, deterministic=False)
+    return jnp.einsum('bnts,bsnh->btnh', probs, v)
+
+  def _append_to_cache(self, k, v, mask, causal):
+    initialised = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if not initialised:  # `init` only sizes the cache.
+      return k, v, mask
+    t = k.shape[1]
+    max_length = cached_key.value.shape[1]
+    start = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
+    cache_index.value = start + t
+    query_pos = start + jnp.arange(t)
+    key_pos = jnp.arange(max_length)
+    # Keys beyond the filled part of the cache are never attended; causal within the new block.
+    visible_1x1xTxS = (key_pos[None, :] <= query_pos[:, None])[None, None]
+    if not causal:
+      visible_1x1xTxS = (key_pos < start + t)[None, None, None, :]
+    mask = visible_1x1xTxS if mask is None else jnp.logical_and(mask, visible_1x1xTxS)
+    return cached_key.value, cached_value.value, mask
+
+
+class Mlp(nn.Module):
+  """fc_in -> activation -> fc_out, the feed-forward half of every transformer block."""
+  hidden_dim: int
+  activation: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+  out_init_std: float | None = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    d = x_BxTxD.shape[-1]
+    h = dense(self.hidden_dim, ('embed', 'mlp'), name='fc_in', dtype=self.dtype,
+              param_dtype=self.param_dtype, kernel_init=normal(self.init_std))(x_BxTxD)
+    h = activation(self.activation)(h)
+    out_std = self.init_std if self.out_init_std is None else self.out_init_std
+    return dense(d, ('mlp', 'embed'), name='fc_out', dtype=self.dtype,
+                 param_dtype=self.param_dtype, kernel_init=normal(out_std))(h)
+
+
+class TransformerBlock(nn.Module):
+  """One encoder/decoder block; norm_first picks pre-LN (ViT, GPT-2, CLIP) or post-LN (BERT).
+
+  pre-LN:  x = x + drop(attn(ln_attention(x)));  x = x + drop(mlp(ln_mlp(x)))
+  post-LN: x = ln_attention(x + drop(attn(x)));  x = ln_mlp(x + drop(mlp(x)))
+  """
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  activation: str
+  layer_norm_eps: float
+  norm_first: bool
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+  out_init_std: float | None = None
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask=None, *, causal: bool = False, deterministic: bool = True,
+               decode: bool = False):
+    ln = functools.partial(layer_norm, self.layer_norm_eps, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    attention = MultiHeadAttention(
+        self.num_heads, self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_dropout=self.attention_dropout, init_std=self.init_std,
+        out_init_std=self.out_init_std, attention_impl=self.attention_impl, name='attention')
+    mlp = Mlp(self.mlp_dim, self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
+              init_std=self.init_std, out_init_std=self.out_init_std, name='mlp')
+    attend = lambda y: attention(y, mask, causal=causal, deterministic=deterministic,
+                                 decode=decode)
+    if self.norm_first:
+      x_BxTxD = x_BxTxD + drop(attend(ln(name='ln_attention')(x_BxTxD)))
+      return x_BxTxD + drop(mlp(ln(name='ln_mlp')(x_BxTxD)))
+    x_BxTxD = ln(name='ln_attention')(x_BxTxD + drop(attend(x_BxTxD)))
+    return ln(name='ln_mlp')(x_BxTxD + drop(mlp(x_BxTxD)))
+
+
+class PatchEmbedding(nn.Module):
+  """Non-overlapping patches: a conv whose stride is its kernel, (B, H, W, C) -> (B, P, D)."""
+  patch_size: int
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, pixels_BxHxWxC):
+    b, h, w, _ = pixels_BxHxWxC.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f'Image size {h}x{w} is not divisible by the patch size {p}: resize or '
+                       f'crop the images to a multiple of {p}.')
+    x = nn.Conv(self.features, (p, p), strides=(p, p), padding='VALID', use_bias=self.use_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype, name='projection',
+                kernel_init=nn.with_logical_partitioning(
+                    normal(self.init_std), (None, None, 'conv_in', 'embed')),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(
+                    pixels_BxHxWxC)
+    return x.reshape(b, (h // p) * (w // p), self.features)

@@ -1,0 +1,39 @@
+"""Helpers for parity tests against transformers' PyTorch models."""
+
+import numpy as np
+import torch
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1):
+  """Adds noise to every float parameter and buffer, so that LayerNorm scales, biases and
+  BatchNorm statistics are not their trivial initial values. Variances stay positive."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+      if not t.is_floating_point():
+        continue
+      noise = torch.randn(t.shape, generator=g) * scale
+      if name.endswith('running_var'):
+        t.mul_(torch.exp(noise))
+      else:
+        t.add_(noise)
+  return model
+
+
+def max_abs_diff(ours, theirs) -> float:
+  ours = np.asarray(ours, np.float64)
+  theirs = theirs.detach().numpy().astype(np.float64) if torch.is_tensor(theirs) else np.asarray(
+      theirs, np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  return float(np.max(np.abs(ours - theirs)))
+
+
+def token_batch(vocab_size: int, batch: int = 3, length: int = 11, seed: int = 0,
+                first_id: int = 0):
+  """Random ids and a mask with right padding of different lengths (row 0 unpadded)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(first_id, vocab_size, (batch, length)).astype(np.int64)
+  mask = np.ones((batch, length), np.int64)
+  for b in range(1, batch):
+    mask[b, length - 2 * b:] = 0
+  return ids, mask
