@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -23,11 +23,37 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
     ('mlp', 'tensor'),
+    ('embed_out', None),
     ('position', None),
     ('classes', None),
     ('conv_in', 'fsdp'),
     ('conv_out', 'tensor'),
 )
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; -1 takes the devices left over.
+
+  Axes are AxisType.Auto: shardings are propagated by the compiler (GSPMD) from the parameter
+  and batch shardings, so linen code needs no per-op sharding annotations.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'Only one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}.')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'{len(devices)} devices do not split into data={data} fsdp={fsdp} '
+                       f'tensor={tensor}: make the fixed axes divide {len(devices)}.')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs '
+                     f'{int(np.prod(sizes))} devices but {len(devices)} are present: set one '
+                     'axis to -1 or make the product equal the device count.')
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
 
 
 def abstract_variables(module: nn.Module, inputs: dict[str, Any] | None = None):

@@ -105,7 +105,7 @@ class BertEncoder(nn.Module):
     pooled_BxD = None
     if self.add_pooler:
       pooled_BxD = jnp.tanh(layers.dense(
-          cfg.hidden_size, ('embed', 'embed'), name='pooler', dtype=self.dtype,
+          cfg.hidden_size, ('embed', 'embed_out'), name='pooler', dtype=self.dtype,
           param_dtype=self.param_dtype,
           kernel_init=layers.normal(cfg.initializer_range))(x_BxTxD[:, 0]))
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD, pooler_output=pooled_BxD)
@@ -138,7 +138,7 @@ class Bert(nn.Module):
                                 else cfg.dropout)(y, deterministic=deterministic)
 
     if self.head in ('pretraining', 'mlm'):
-      h = layers.activation(cfg.hidden_act)(dense(cfg.hidden_size, ('embed', 'embed'),
+      h = layers.activation(cfg.hidden_act)(dense(cfg.hidden_size, ('embed', 'embed_out'),
                                                   'mlm_transform')(x_BxTxD))
       h = layers.layer_norm(cfg.layer_norm_eps, name='mlm_ln', dtype=self.dtype,
                             param_dtype=self.param_dtype)(h)

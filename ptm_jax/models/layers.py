@@ -7,6 +7,8 @@ Every parameter is created through `nn.with_logical_partitioning`, so that the s
   heads     the joined heads x head_dim axis  mlp      the feed-forward hidden width
   position  rows of a position table          classes  classifier outputs
   conv_in / conv_out  channels of a convolution kernel (H, W, in, out)
+  embed_out the output side of a square (embed -> embed) or projection kernel; an axis name may
+            appear only once per parameter
 
 Shapes in names follow nanodo: x_BxTxD is (batch, tokens, width); N heads of H dims.
 Parameters default to float32; `dtype` is the compute dtype (bf16 for mixed precision).

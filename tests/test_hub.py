@@ -1,0 +1,224 @@
+"""The generic loader: bad input gets a clear error, sharded files, placement, pickles, heads."""
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import ptm_jax
+from ptm_jax import partitioning
+from ptm_jax.hub import checkpoint_io
+from tests import parity
+
+
+@pytest.fixture(scope='module')
+def bert_dirs(tmp_path_factory):
+  """A perturbed tiny BertForSequenceClassification and a BertModel, saved by transformers."""
+  root = tmp_path_factory.mktemp('bert')
+  config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=24,
+                                   max_position_embeddings=20, num_labels=4)
+  torch.manual_seed(0)
+  classifier = parity.perturb(transformers.BertForSequenceClassification(config).eval())
+  classifier.save_pretrained(root / 'cls')
+  base = parity.perturb(transformers.BertModel(config).eval(), seed=1)
+  base.save_pretrained(root / 'base')
+  return {'cls': str(root / 'cls'), 'base': str(root / 'base'), 'torch_cls': classifier}
+
+
+def copy_of(src, dst):
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def edit_weights(folder, fn):
+  path = os.path.join(folder, 'model.safetensors')
+  tensors = safetensors.numpy.load_file(path)
+  fn(tensors)
+  safetensors.numpy.save_file(tensors, path, {'format': 'pt'})
+
+
+def edit_config(folder, **changes):
+  path = os.path.join(folder, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config.update(changes)
+  with open(path, 'w') as f:
+    json.dump(config, f)
+
+
+def test_missing_keys_are_listed(bert_dirs, tmp_path):
+  folder = copy_of(bert_dirs['cls'], tmp_path / 'm')
+  edit_weights(folder, lambda t: t.pop('bert.encoder.layer.1.output.dense.weight'))
+  with pytest.raises(ptm_jax.CheckpointError, match=r'missing.*bert\.encoder\.layer\.1\.output'
+                     r'\.dense\.weight'):
+    ptm_jax.from_pretrained(folder)
+
+
+def test_unexpected_keys_are_listed_unless_allowed(bert_dirs, tmp_path):
+  folder = copy_of(bert_dirs['cls'], tmp_path / 'u')
+  edit_weights(folder, lambda t: t.update({'bert.encoder.extra.weight': np.ones(3, np.float32)}))
+  with pytest.raises(ptm_jax.CheckpointError, match=r"bert\.encoder\.extra\.weight.*"
+                     r"allow_unexpected_keys=True"):
+    ptm_jax.from_pretrained(folder)
+  module, variables = ptm_jax.from_pretrained(folder, allow_unexpected_keys=True)
+  assert 'classifier' in variables['params']
+
+
+def test_shape_mismatch_names_key_and_shapes(bert_dirs, tmp_path):
+  folder = copy_of(bert_dirs['cls'], tmp_path / 's')
+  edit_weights(folder, lambda t: t.update(
+      {'classifier.weight': np.zeros((5, 16), np.float32)}))
+  with pytest.raises(ptm_jax.CheckpointError,
+                     match=r"'classifier\.weight'.*expects \(16, 4\).*has \(5, 16\)"):
+    ptm_jax.from_pretrained(folder)
+
+
+def test_unknown_model_type_and_architecture(bert_dirs, tmp_path):
+  folder = copy_of(bert_dirs['cls'], tmp_path / 't')
+  edit_config(folder, model_type='mamba')
+  with pytest.raises(ValueError, match=r"Unknown model_type 'mamba'.*'bert'"):
+    ptm_jax.from_pretrained(folder)
+  edit_config(folder, model_type='bert', architectures=['BertForQuestionAnswering'])
+  with pytest.raises(ValueError, match=r"Unknown bert architecture 'BertForQuestionAnswering'"):
+    ptm_jax.from_pretrained(folder)
+
+
+def test_truncated_and_corrupt_files(bert_dirs, tmp_path):
+  folder = copy_of(bert_dirs['cls'], tmp_path / 'c')
+  path = os.path.join(folder, 'model.safetensors')
+  data = open(path, 'rb').read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(ptm_jax.CheckpointError, match=r'corrupt or truncated.*download it again'):
+    ptm_jax.from_pretrained(folder)
+  with open(path, 'wb') as f:
+    f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00not json at all!' + data[100:])
+  with pytest.raises(ptm_jax.CheckpointError, match=r'corrupt or truncated'):
+    ptm_jax.from_pretrained(folder)
+
+
+def test_pickle_needs_opt_in(bert_dirs, tmp_path):
+  folder = str(tmp_path / 'p')
+  os.makedirs(folder)
+  shutil.copy(os.path.join(bert_dirs['cls'], 'config.json'), folder)
+  torch.save(bert_dirs['torch_cls'].state_dict(), os.path.join(folder, 'pytorch_model.bin'))
+  with pytest.raises(ptm_jax.CheckpointError, match=r'pickle.*allow_pickle=True'):
+    ptm_jax.from_pretrained(folder)
+  module, variables = ptm_jax.from_pretrained(folder, allow_pickle=True)
+  _, reference = ptm_jax.from_pretrained(bert_dirs['cls'])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference))
+
+
+def test_sequence_longer_than_position_table(bert_dirs):
+  module, variables = ptm_jax.from_pretrained(bert_dirs['cls'])
+  ids = np.zeros((1, 21), np.int32)
+  with pytest.raises(ValueError, match=r'21 positions but the position table holds 20'):
+    module.apply(variables, input_ids=ids)
+
+
+def test_missing_config(tmp_path):
+  with pytest.raises(ptm_jax.CheckpointError, match='no config.json'):
+    ptm_jax.from_pretrained(str(tmp_path))
+
+
+def test_nothing_half_loaded_on_error(bert_dirs, tmp_path):
+  """A failure in the middle of the key list leaves no partial variables behind."""
+  folder = copy_of(bert_dirs['cls'], tmp_path / 'h')
+  edit_weights(folder, lambda t: t.update({'zzz.unexpected': np.ones(1, np.float32)}))
+  result = None
+  with pytest.raises(ptm_jax.CheckpointError):
+    result = ptm_jax.from_pretrained(folder)
+  assert result is None
+
+
+def test_head_on_base_checkpoint_is_initialised_and_reported(bert_dirs, caplog):
+  with pytest.raises(ptm_jax.CheckpointError, match='init_missing_head=True'):
+    ptm_jax.from_pretrained(bert_dirs['base'], head='sequence_classification',
+                            init_missing_head=False)
+  with caplog.at_level(logging.WARNING):
+    module, variables = ptm_jax.from_pretrained(bert_dirs['base'],
+                                                head='sequence_classification')
+  assert 'classifier/kernel' in caplog.text
+  kernel = variables['params']['classifier']['kernel']
+  assert kernel.shape == (16, 4) and 0.005 < float(jnp.std(kernel)) < 0.05  # N(0, 0.02)
+  _, base_vars = ptm_jax.from_pretrained(bert_dirs['base'])
+  np.testing.assert_array_equal(variables['params']['bert']['layer_0']['mlp']['fc_in']['kernel'],
+                                base_vars['params']['bert']['layer_0']['mlp']['fc_in']['kernel'])
+
+
+def test_sharded_index_roundtrip(bert_dirs, tmp_path):
+  module, variables = ptm_jax.from_pretrained(bert_dirs['cls'])
+  ptm_jax.save_pretrained(module, variables, str(tmp_path / 'sharded'), max_shard_bytes=4096)
+  files = os.listdir(tmp_path / 'sharded')
+  assert 'model.safetensors.index.json' in files
+  assert sum(f.endswith('.safetensors') for f in files) > 3
+  _, again = ptm_jax.from_pretrained(str(tmp_path / 'sharded'))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, again))
+  # transformers reads our shards too.
+  hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path / 'sharded')
+  np.testing.assert_array_equal(hf.classifier.weight.detach().numpy(),
+                                np.asarray(variables['params']['classifier']['kernel']).T)
+  # A shard that disappeared is named.
+  os.remove(tmp_path / 'sharded' / 'model-00002-of-{:05d}.safetensors'.format(
+      sum(f.endswith('.safetensors') for f in files)))
+  with pytest.raises(ptm_jax.CheckpointError, match=r'model-00002-of-.*does not exist'):
+    ptm_jax.from_pretrained(str(tmp_path / 'sharded'))
+
+
+def test_tensors_placed_into_mesh_shardings(bert_dirs):
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  module, variables = ptm_jax.from_pretrained(bert_dirs['cls'], mesh=mesh)
+  fc_in = variables['params']['bert']['layer_0']['mlp']['fc_in']['kernel']  # (embed, mlp)
+  assert fc_in.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  shard_shapes = {s.data.shape for s in fc_in.addressable_shards}
+  assert shard_shapes == {(8, 12)}
+  ids = np.ones((2, 6), np.int32)
+  sharded = module.apply(variables, input_ids=ids).logits
+  _, plain = ptm_jax.from_pretrained(bert_dirs['cls'])
+  np.testing.assert_allclose(sharded, module.apply(plain, input_ids=ids).logits, atol=1e-6)
+
+
+def test_bf16_compute_with_float32_params(bert_dirs):
+  module, variables = ptm_jax.from_pretrained(bert_dirs['cls'], dtype=jnp.bfloat16)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  ids, mask = parity.token_batch(50, length=9)
+  logits = module.apply(variables, input_ids=ids.astype(np.int32),
+                        attention_mask=mask.astype(np.int32)).logits
+  assert logits.dtype == jnp.bfloat16
+  module32, _ = ptm_jax.from_pretrained(bert_dirs['cls'])
+  exact = module32.apply(variables, input_ids=ids.astype(np.int32),
+                         attention_mask=mask.astype(np.int32)).logits
+  np.testing.assert_allclose(np.asarray(logits, np.float32), exact, atol=0.1)
+
+
+def test_every_parameter_has_logical_axes(bert_dirs):
+  module, _ = ptm_jax.from_pretrained(bert_dirs['cls'])
+  boxed = partitioning.abstract_variables(module)
+  specs = jax.tree.leaves(partitioning.logical_specs(boxed),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert specs and all(isinstance(s, jax.sharding.PartitionSpec) and len(s) > 0 for s in specs)
+  assert len(specs) == len(jax.tree.leaves(boxed))
+
+
+def test_unknown_checkpoint_format(tmp_path):
+  path = tmp_path / 'weights.h5'
+  path.write_bytes(b'x')
+  with pytest.raises(ptm_jax.CheckpointError, match='Unknown checkpoint format'):
+    checkpoint_io.open_checkpoint(str(path))
+
+
+def test_make_mesh_checks_device_count():
+  assert partitioning.make_mesh(data=-1, tensor=2).shape == {'data': 4, 'fsdp': 1, 'tensor': 2}
+  with pytest.raises(ValueError, match='needs 6 devices but 8 are present'):
+    partitioning.make_mesh(data=3, fsdp=2)
+  with pytest.raises(ValueError, match='8 devices do not split into'):
+    partitioning.make_mesh(data=-1, fsdp=3)
