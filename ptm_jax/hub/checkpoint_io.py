@@ -161,7 +161,9 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: str,
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for key, array in tensors:
-    array = np.ascontiguousarray(array)
+    # ascontiguousarray makes 0-d arrays 1-d; scalars (CLIP's logit_scale) must keep shape ().
+    array = np.asarray(array)
+    array = np.ascontiguousarray(array).reshape(array.shape)
     if shards[-1] and size + array.nbytes > max_shard_bytes:
       shards.append({})
       size = 0

@@ -126,6 +126,14 @@ class Family:
   extra_hf_config: Callable[[Any, str | None], dict] = lambda config, head: {}
   adapt_tensor: Callable[[str, np.ndarray, tuple[int, ...]], np.ndarray | None] = (
       lambda key, array, shape: None)
+  # config.json -> config, called as config_from_hf(config_cls, hf, **overrides); None is the
+  # flat `config_from_hf` below. Families whose config.json nests sub-configs (CLIP) give theirs.
+  config_from_hf: Callable[..., Any] | None = None
+
+  def config(self, hf: dict, **overrides):
+    """This family's config dataclass from a transformers config.json dict."""
+    from_hf = self.config_from_hf or config_from_hf
+    return from_hf(self.config_cls, hf, **overrides)
 
   def architecture(self, head: str | None) -> str:
     for arch, h in self.architectures.items():

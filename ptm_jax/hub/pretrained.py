@@ -258,7 +258,7 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
     init_missing_head = bool(init_missing_head)
   elif init_missing_head is None:
     init_missing_head = True
-  config = convert.config_from_hf(family.config_cls, hf_config, **(config_overrides or {}))
+  config = family.config(hf_config, **(config_overrides or {}))
   module = family.make_module(config, head=head, dtype=dtype or jnp.float32,
                               param_dtype=param_dtype)
   reader = checkpoint_io.open_checkpoint(folder, allow_pickle=allow_pickle)
