@@ -211,7 +211,7 @@ class ViTEncoder(nn.Module):
       pooled = jnp.mean(x_BxTxD, axis=1)
     elif self.add_pooler:
       pooled = layers.activation(cfg.pooler_act)(layers.dense(
-          cfg.pooler_output_size or cfg.hidden_size, ('embed', 'embed'), name='pooler',
+          cfg.pooler_output_size or cfg.hidden_size, ('embed', 'embed_out'), name='pooler',
           dtype=self.dtype, param_dtype=self.param_dtype,
           kernel_init=layers.normal(cfg.initializer_range))(x_BxTxD[:, 0]))
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD, pooler_output=pooled)
@@ -243,7 +243,7 @@ class ViT(nn.Module):
         n, axes, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=layers.normal(cfg.initializer_range))
     if cfg.representation_size is not None:
-      features_BxD = jnp.tanh(dense(cfg.representation_size, ('embed', 'embed'),
+      features_BxD = jnp.tanh(dense(cfg.representation_size, ('embed', 'embed_out'),
                                     'pre_logits')(features_BxD))
     logits_BxK = dense(cfg.num_labels, ('embed', 'classes'), 'classifier')(features_BxD)
     return outputs.ClassifierOutput(logits=logits_BxK, last_hidden_state=x_BxTxD)
