@@ -222,3 +222,19 @@ def test_make_mesh_checks_device_count():
     partitioning.make_mesh(data=3, fsdp=2)
   with pytest.raises(ValueError, match='8 devices do not split into'):
     partitioning.make_mesh(data=-1, fsdp=3)
+
+
+def test_hub_id_read_from_local_cache_when_offline(bert_dirs, tmp_path):
+  """No network here: a hub id resolves through huggingface_hub's cache layout."""
+  commit = '0123456789abcdef0123456789abcdef01234567'
+  repo = tmp_path / 'cache' / 'models--someone--tiny-bert'
+  shutil.copytree(bert_dirs['cls'], repo / 'snapshots' / commit)
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(commit)
+  module, variables = ptm_jax.from_pretrained('someone/tiny-bert',
+                                              cache_dir=str(tmp_path / 'cache'))
+  _, reference = ptm_jax.from_pretrained(bert_dirs['cls'])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference))
+  with pytest.raises(FileNotFoundError, match=r'someone/absent.*neither a local folder nor in '
+                     r'the Hugging Face cache'):
+    ptm_jax.from_pretrained('someone/absent', cache_dir=str(tmp_path / 'cache'))

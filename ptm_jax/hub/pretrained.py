@@ -50,7 +50,8 @@ def family_for_module(module: nn.Module) -> convert.Family:
   raise ValueError(f'{type(module).__name__} is not a ptm_jax model family.')
 
 
-def resolve(path_or_hub_id: str, revision: str | None = None) -> str:
+def resolve(path_or_hub_id: str, revision: str | None = None,
+            cache_dir: str | None = None) -> str:
   """A local folder, or a hub id fetched with huggingface_hub (falling back to its cache)."""
   if os.path.exists(path_or_hub_id):
     return path_or_hub_id
@@ -61,11 +62,11 @@ def resolve(path_or_hub_id: str, revision: str | None = None) -> str:
                             'installed to fetch it.') from None
   try:
     return huggingface_hub.snapshot_download(path_or_hub_id, revision=revision,
-                                             allow_patterns=_HUB_FILES)
+                                             allow_patterns=_HUB_FILES, cache_dir=cache_dir)
   except Exception as online_error:  # No network: the local cache may still hold it.
     try:
       return huggingface_hub.snapshot_download(path_or_hub_id, revision=revision,
-                                               allow_patterns=_HUB_FILES,
+                                               allow_patterns=_HUB_FILES, cache_dir=cache_dir,
                                                local_files_only=True)
     except Exception:
       raise FileNotFoundError(
@@ -225,7 +226,7 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
                     allow_unexpected_keys: bool = False, init_missing_head: bool | None = None,
                     allow_pickle: bool = False, rng: jax.Array | None = None,
                     shardings: Any = None, mesh: jax.sharding.Mesh | None = None, rules=None,
-                    revision: str | None = None):
+                    revision: str | None = None, cache_dir: str | None = None):
   """Loads a transformers-format checkpoint into a Flax module and its variables.
 
   Args:
@@ -242,11 +243,12 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
     allow_pickle: permit .bin/.pt checkpoints (read with torch.load(weights_only=True)).
     shardings / mesh, rules: place each tensor straight into its sharding (a pytree of
       Shardings like the variables, or the mesh and logical rules to derive it).
+    revision, cache_dir: for hub ids, passed to huggingface_hub.snapshot_download.
 
   Returns:
     (module, variables): variables is {'params': ..., ['batch_stats': ...]} of jax.Arrays.
   """
-  folder = resolve(path_or_hub_id, revision)
+  folder = resolve(path_or_hub_id, revision, cache_dir)
   hf_config = read_config(folder)
   model_type = hf_config.get('model_type')
   if model_type is None:
