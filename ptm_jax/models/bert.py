@@ -93,14 +93,13 @@ class BertEncoder(nn.Module):
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
     mask = layers.padding_mask(attention_mask_BxT)
-    for i in range(cfg.num_layers):
-      x_BxTxD = layers.TransformerBlock(
-          num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
-          mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
-          layer_norm_eps=cfg.layer_norm_eps, norm_first=False, dropout=cfg.dropout,
-          attention_dropout=cfg.attention_dropout, dtype=self.dtype,
-          param_dtype=self.param_dtype, init_std=cfg.initializer_range, name=f'layer_{i}')(
-              x_BxTxD, mask, deterministic=deterministic)
+    x_BxTxD = layers.transformer_stack(
+        x_BxTxD, mask, num_layers=cfg.num_layers, deterministic=deterministic,
+        num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+        mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps, norm_first=False, dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout, dtype=self.dtype,
+        param_dtype=self.param_dtype, init_std=cfg.initializer_range)
 
     pooled_BxD = None
     if self.add_pooler:

@@ -130,14 +130,12 @@ PRESETS = {
 def _blocks(x_BxTxD, mask, *, causal, n, num_heads, mlp_dim, act, eps, attention_dropout,
             init_std, dtype, param_dtype, deterministic):
   """CLIP's pre-LN blocks (no residual dropout), named layer_0 ... layer_{n-1}."""
-  d = x_BxTxD.shape[-1]
-  for i in range(n):
-    x_BxTxD = layers.TransformerBlock(
-        num_heads=num_heads, head_dim=d // num_heads, mlp_dim=mlp_dim, activation=act,
-        layer_norm_eps=eps, norm_first=True, dropout=0.0, attention_dropout=attention_dropout,
-        dtype=dtype, param_dtype=param_dtype, init_std=init_std, name=f'layer_{i}')(
-            x_BxTxD, mask, causal=causal, deterministic=deterministic)
-  return x_BxTxD
+  return layers.transformer_stack(
+      x_BxTxD, mask, num_layers=n, causal=causal, deterministic=deterministic,
+      num_heads=num_heads, head_dim=x_BxTxD.shape[-1] // num_heads, mlp_dim=mlp_dim,
+      activation=act, layer_norm_eps=eps, norm_first=True, dropout=0.0,
+      attention_dropout=attention_dropout, dtype=dtype, param_dtype=param_dtype,
+      init_std=init_std)
 
 
 class CLIPTextTransformer(nn.Module):

@@ -115,15 +115,14 @@ class GPT2Transformer(nn.Module):
     mask = layers.padding_mask(attention_mask_BxS)
     # Two residual projections per block add up over depth: GPT-2 scales their init down.
     out_init_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
-    for i in range(cfg.num_layers):
-      x_BxTxD = layers.TransformerBlock(
-          num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
-          mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
-          layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
-          attention_dropout=cfg.attention_dropout, dtype=self.dtype,
-          param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-          out_init_std=out_init_std, name=f'layer_{i}')(
-              x_BxTxD, mask, causal=True, deterministic=deterministic, decode=decode)
+    x_BxTxD = layers.transformer_stack(
+        x_BxTxD, mask, num_layers=cfg.num_layers, causal=True, deterministic=deterministic,
+        decode=decode, num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+        mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout, dtype=self.dtype,
+        param_dtype=self.param_dtype, init_std=cfg.initializer_range,
+        out_init_std=out_init_std)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='ln_f', dtype=self.dtype,
                                 param_dtype=self.param_dtype)(x_BxTxD)
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD)

@@ -274,3 +274,16 @@ class PatchEmbedding(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(
                     pixels_BxHxWxC)
     return x.reshape(b, (h // p) * (w // p), self.features)
+
+
+def transformer_stack(x_BxTxD, mask=None, *, num_layers: int, causal: bool = False,
+                      deterministic: bool = True, decode: bool = False, **block_fields):
+  """num_layers TransformerBlocks named layer_0 ... layer_{n-1} in the calling module's scope.
+
+  Call from inside a compact method; block_fields are TransformerBlock's fields. The one place
+  every family builds its stack, so rematerialisation or a scan over layers goes here.
+  """
+  for i in range(num_layers):
+    x_BxTxD = TransformerBlock(**block_fields, name=f'layer_{i}')(
+        x_BxTxD, mask, causal=causal, deterministic=deterministic, decode=decode)
+  return x_BxTxD

@@ -194,15 +194,14 @@ class ViTEncoder(nn.Module):
                               (None, 'position', 'embed'))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
-    for i in range(cfg.num_layers):
-      x_BxTxD = layers.TransformerBlock(
-          num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
-          mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
-          layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
-          attention_dropout=cfg.attention_dropout, dtype=self.dtype,
-          param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-          attention_impl=self.attention_impl, name=f'layer_{i}')(
-              x_BxTxD, deterministic=deterministic)
+    x_BxTxD = layers.transformer_stack(
+        x_BxTxD, num_layers=cfg.num_layers, deterministic=deterministic,
+        num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+        mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout, dtype=self.dtype,
+        param_dtype=self.param_dtype, init_std=cfg.initializer_range,
+        attention_impl=self.attention_impl)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='final_ln', dtype=self.dtype,
                                 param_dtype=self.param_dtype)(x_BxTxD)
 
