@@ -1,0 +1,1 @@
+"""Training: objectives (losses and metrics) for jit-compiled, mesh-sharded train steps."""
