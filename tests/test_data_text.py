@@ -478,3 +478,15 @@ def test_mlm_without_nsp():
     _, offs, positions = offsets(documents, ids[1:n - 1])
     assert (np.diff(offs) == 1).all() and positions[0] == 0  # From a sentence start, in order.
     assert not (labels[[0, n - 1]] != -100).any() and (labels != -100).any()
+
+
+def test_byte_tokenizer_special_encoding_truncates_the_longer_text():
+  tok = tx.ByteTokenizer()
+  ids, types = tok.encode_special('abcdef', 'xy', max_length=7)
+  # A and B each end in the end-of-text id 256; the longer text (A) loses its tail first.
+  assert ids.tolist() == [97, 98, 99, 256, 120, 121, 256]
+  assert types.tolist() == [0, 0, 0, 0, 1, 1, 1]
+  ids, types = tok.encode_special('abc')
+  assert ids.tolist() == [97, 98, 99, 256] and types.tolist() == [0, 0, 0, 0]
+  with pytest.raises(ValueError, match='no room'):
+    tok.encode_special('abc', 'd', max_length=3)

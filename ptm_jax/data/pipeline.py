@@ -592,9 +592,8 @@ class Loader:
       batched = local.batch(b, drop_remainder=True).to_iter_dataset(
           grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     else:
-      if not train:
-        raise ValueError('Streamed corpora give train batches only; evaluate on a text_file or '
-                         'a random-access split.')
+      # Eval on a streamed corpus is one pass over this host's share, until it runs out; bound
+      # it with the trainer's eval_steps on several hosts, whose shares may differ by a batch.
       batched = split_data.stream(self.process_index, self.process_count).batch(
           self.local_batch_size, drop_remainder=True)
     self._dataset = batched
@@ -619,6 +618,11 @@ class Loader:
       return local
     return {k: jax.make_array_from_process_local_data(
         self._sharding, v, (self.global_batch_size,) + v.shape[1:]) for k, v in local.items()}
+
+  def reset(self):
+    """Back to the first batch (an eval loader before each evaluation)."""
+    self._iterator = iter(self._dataset)
+    self._step = 0
 
   def get_state(self) -> dict[str, Any]:
     return {'grain': self._iterator.get_state(), 'step': self._step,

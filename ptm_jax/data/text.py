@@ -63,6 +63,37 @@ class TextTokenizer(abc.ABC):
   def decode(self, ids) -> str:
     """ids (any 1-D integer sequence) -> text."""
 
+  def encode_special(self, text: str, pair: str | None = None, *,
+                     max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, type_ids) of A [end] (B [end]), [end] the eos id where there is one.
+
+    The built-in char and byte tokenizers have no [CLS]; this gives classification and CLIP
+    models trained from scratch on them a text end to pool at. The longer text is cut first to
+    fit max_length.
+    """
+    end = [] if self.eos_id is None else [self.eos_id]
+    a = self.encode(_as_text(text))
+    b = None if pair is None else self.encode(_as_text(pair))
+    if max_length is not None:
+      room = max_length - len(end) * (1 if b is None else 2)
+      if room < (1 if b is None else 2):
+        raise ValueError(f'max_length {max_length} leaves no room for the text(s); raise it.')
+      if b is None:
+        a = a[:room]
+      else:
+        while len(a) + len(b) > room:
+          if len(a) >= len(b):
+            a = a[:-1]
+          else:
+            b = b[:-1]
+    parts = [a, end] + ([] if b is None else [b, end])
+    types = [np.zeros(len(a) + len(end))] + ([] if b is None else [np.ones(len(b) + len(end))])
+    return (np.concatenate(parts).astype(np.int32), np.concatenate(types).astype(np.int32))
+
+
+def _as_text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
 
 def _ids_1d(ids) -> np.ndarray:
   ids = np.asarray(ids)

@@ -1,0 +1,405 @@
+"""Saving and resuming a training run: sharded train state + data-iterator state, with orbax.
+
+A checkpoint step directory holds two orbax items:
+  'state'  the train-state pytree of jax.Arrays (params, optimizer state, step, rng), written by
+           every process for its own shards (StandardSave, OCDBT + zarr);
+  'data'   a small JSON dict, e.g. the data iterator's state, so that a resumed run continues with
+           the next unseen batch instead of replaying the epoch (JsonSave).
+
+Saves are asynchronous: `save` copies the arrays to host memory and returns; a background thread
+writes them to `<dir>/<step>.orbax-checkpoint-tmp` and renames that to `<dir>/<step>` on commit. A
+kill -9 mid-save therefore leaves only the tmp directory, which orbax never lists as a step (and
+which the next `Checkpointer` on the directory deletes). `wait()` blocks until the save is durable.
+
+Restoring takes an abstract state (ShapeDtypeStructs with shardings), so every array is read
+straight into its shards on the current mesh, whatever mesh the checkpoint was written from
+(saved over 1x8 data parallelism, restored onto 2x4 data x tensor or FSDP). If the latest step
+does not restore (files truncated or deleted after commit), `restore` logs a warning naming the
+step and the error and falls back to the next older step.
+
+Preemption (single process): `install_sigterm_handler` turns SIGTERM into a flag that the train
+loop polls through `reached_preemption(step)`, then saves with force=True, waits and exits. In a
+multi-process run JAX's preemption service owns SIGTERM and agrees on one step for all processes;
+`reached_preemption` asks it through orbax (see that method).
+
+`check_workdir` guards a run directory against resuming checkpoints of a different config.
+"""
+
+import json
+import logging
+import signal
+from typing import Any, Mapping, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
+
+STATE_ITEM = 'state'
+DATA_ITEM = 'data'
+CONFIG_FILE = 'config.json'
+# Config keys a resumed run may change: how long to train and how often to log, evaluate, save.
+DEFAULT_ALLOWED_TO_DIFFER = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every')
+# How many differing config keys the check_workdir error shows.
+_SHOWN_DIFFERENCES = 5
+
+
+def _as_path(directory) -> epath.Path:
+  """An absolute epath.Path (orbax wants absolute paths; 'gs://...' is kept as is)."""
+  path = epath.Path(directory)
+  return path if '://' in str(directory) else path.absolute()
+
+
+def _abstract_leaf(leaf) -> jax.ShapeDtypeStruct:
+  """A ShapeDtypeStruct with the leaf's sharding; the sharding is required."""
+  sharding = getattr(leaf, 'sharding', None)
+  if not isinstance(sharding, jax.sharding.Sharding):
+    raise ValueError(
+        f'restore needs a sharding on every leaf of abstract_state, but a leaf of shape '
+        f'{getattr(leaf, "shape", None)} has sharding={sharding!r}: build it as '
+        'jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)), e.g. from '
+        'jax.eval_shape of the init function with the shardings of '
+        'ptm_jax.partitioning.variable_shardings.')
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+class Checkpointer:
+  """Asynchronous orbax checkpoints of (train state, data state) in one directory.
+
+  Usage in a train loop:
+
+    ckpt = Checkpointer(workdir / 'checkpoints', keep=3, save_every=1000)
+    ckpt.install_sigterm_handler()
+    restored = ckpt.restore(abstract_state)      # None on a fresh run
+    for step in range(start, total_steps + 1):
+      state = train_step(state, next(batches))
+      ckpt.save(step, state, data_iterator_state)
+      if ckpt.reached_preemption(step):
+        ckpt.save(step, state, data_iterator_state, force=True)
+        break
+    ckpt.close()                                 # waits for the last save
+
+  A save returns once the arrays are copied to host memory, so the caller may donate or
+  overwrite the state's buffers in the next step.
+  """
+
+  def __init__(self, directory, *, keep: int | None = 3, save_every: int = 0,
+               async_save: bool = True):
+    """Opens (and creates) the checkpoint directory.
+
+    Args:
+      directory: where the step directories go (local path or 'gs://...').
+      keep: how many of the latest steps to keep; None keeps all.
+      save_every: `save` writes when step % save_every == 0; 0: only saves with force=True.
+      async_save: write in a background thread (False: `save` blocks until durable).
+    """
+    if keep is not None and keep < 1:
+      raise ValueError(f'keep={keep} must be >= 1 (or None to keep every checkpoint).')
+    if save_every < 0:
+      raise ValueError(f'save_every={save_every} must be >= 0 (0: only forced saves).')
+    self.directory = _as_path(directory)
+    self.save_every = save_every
+    self.preempted = False
+    # Steps that hold this run's trajectory: the ones it saved and the one it restored. Another
+    # existing step that the run saves comes from an earlier run that this one has rolled back
+    # past (an unrestorable or abandoned step), and `save` replaces it instead of failing with
+    # orbax's StepAlreadyExistsError.
+    self._own_steps: set[int] = set()
+    self._sigterm_handler_installed = False
+    self._previous_sigterm_handler = None
+    self._reported_preemption = False
+    self._remove_uncommitted_saves()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE_ITEM, DATA_ITEM))
+
+  def _remove_uncommitted_saves(self) -> None:
+    """Deletes the tmp directories of saves killed before their commit.
+
+    orbax never lists them as steps, but they hold up to a whole checkpoint of disk. (orbax's own
+    cleanup_tmp_directories option runs in a background thread that close() does not wait for.)
+    """
+    if jax.process_index() == 0:
+      for tmp_path in ocp.path.step.all_temporary_paths(self.directory):
+        logger.warning('Deleting %s: a save that was killed before it committed.', tmp_path.get())
+        tmp_path.get().rmtree()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'Checkpointer cleanup {self.directory}')
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def save(self, step: int, state: Any, data_state: Mapping[str, Any] | None = None, *,
+           force: bool = False) -> bool:
+    """Starts saving `state` and `data_state` as `step` if it is due (or force); returns whether.
+
+    Asynchronous: returns once the arrays are on the host; `wait()` makes the save durable. A
+    step this object already saved or restored is not saved again (returns False).
+
+    Args:
+      step: the train step the state is after (the directory name).
+      state: pytree of jax.Arrays, sharded in any way.
+      data_state: JSON-able dict (e.g. the data iterator's state) or None.
+      force: save even if step is not a multiple of save_every.
+    """
+    due = force or (self.save_every > 0 and step % self.save_every == 0)
+    if not due or step in self._own_steps:
+      return False
+    if step in self._manager.all_steps():
+      logger.warning('Replacing checkpoint step %d in %s: it was written by an earlier run that '
+                     'this run has rolled back past.', step, self.directory)
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
+    saved = self._manager.save(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                         DATA_ITEM: ocp.args.JsonSave(data_state)}),
+        force=True)
+    if saved:
+      self._own_steps.add(step)
+    return saved
+
+  def wait(self) -> None:
+    """Blocks until the pending save (if any) is committed to its step directory."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the pending save, releases orbax's threads and puts back the SIGTERM handler."""
+    self.remove_sigterm_handler()
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def latest_step(self) -> int | None:
+    """The newest step (including one whose asynchronous save is still running), or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Committed and in-flight steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[int, Any, Any] | None:
+    """Reads a checkpoint onto the shardings of `abstract_state`.
+
+    Args:
+      abstract_state: the state's pytree structure with jax.ShapeDtypeStruct (or jax.Array)
+        leaves that carry `.sharding` (e.g. NamedSharding on the current mesh); each array is
+        read straight into those shards, whatever sharding it was saved with.
+      step: the step to read; None: the latest step that restores, falling back past ones that
+        fail (each failure logged as a warning).
+
+    Returns:
+      (step, state, data_state), or None if the directory holds no checkpoint.
+
+    Raises:
+      FileNotFoundError: `step` was given and has no checkpoint.
+      RuntimeError: no step restores (the message lists each step and its error).
+    """
+    abstract_state = jax.tree.map(_abstract_leaf, abstract_state)
+    # A save in flight is not yet readable; let it commit first.
+    self._manager.wait_until_finished()
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f'No checkpoint of step {step} in {self.directory}; it holds '
+                                f'steps {steps}.')
+      restored = self._restore_step(abstract_state, step)
+      self._own_steps.add(step)
+      return (step, *restored)
+    failures = []
+    for candidate in reversed(steps):
+      try:
+        restored = self._restore_step(abstract_state, candidate)
+      except Exception as e:  # pylint: disable=broad-except
+        # Any failure (missing or truncated files, bad JSON) makes the step unusable; an older
+        # one may still be whole. The final error lists every failure, so a mismatch between
+        # abstract_state and the checkpoints (which fails every step) is not hidden.
+        logger.warning('Checkpoint step %d in %s does not restore (%s: %s); trying the previous '
+                       'step.', candidate, self.directory, type(e).__name__, e)
+        failures.append((candidate, e))
+        continue
+      self._own_steps.add(candidate)
+      if failures:
+        logger.warning('Restored checkpoint step %d after newer steps %s failed.', candidate,
+                       [failed for failed, _ in failures])
+      return (candidate, *restored)
+    if not failures:
+      return None
+    tried = '\n'.join(f'  step {failed}: {type(e).__name__}: {e}' for failed, e in failures)
+    raise RuntimeError(f'None of the checkpoints in {self.directory} restores onto '
+                       f'abstract_state:\n{tried}\nCheck that abstract_state has the structure, '
+                       'shapes and dtypes of the saved state.') from failures[-1][1]
+
+  def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, Any]:
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                                         DATA_ITEM: ocp.args.JsonRestore()}))
+    return restored[STATE_ITEM], restored[DATA_ITEM]
+
+  def install_sigterm_handler(self) -> None:
+    """Makes SIGTERM set `self.preempted` instead of killing the process (single process).
+
+    Call from the main thread. The previous handler comes back with `remove_sigterm_handler` or
+    `close`. In a multi-process run nothing is installed: JAX's preemption service (on by
+    default with jax.distributed) owns SIGTERM there, and a Python handler would replace it.
+    """
+    if jax.process_count() > 1:
+      logger.info('Multi-process run: SIGTERM is left to the JAX preemption service; '
+                  'reached_preemption() asks it.')
+      return
+    if self._sigterm_handler_installed:
+      return
+
+    def on_sigterm(signum, frame):  # pylint: disable=unused-argument
+      # Only set the flag: the train loop saves at its next step boundary, where the state is
+      # consistent. (reached_preemption logs it.)
+      self.preempted = True
+
+    try:
+      self._previous_sigterm_handler = signal.signal(signal.SIGTERM, on_sigterm)
+      self._sigterm_handler_installed = True
+    except ValueError as e:
+      raise ValueError('install_sigterm_handler must be called from the main thread '
+                       f'({e}).') from e
+
+  def remove_sigterm_handler(self) -> None:
+    """Puts back the SIGTERM handler that `install_sigterm_handler` replaced (if it did)."""
+    if self._sigterm_handler_installed:
+      # None: the previous handler was not set from Python and cannot be put back; the default
+      # (terminate) is the closest.
+      previous = self._previous_sigterm_handler
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+      self._sigterm_handler_installed = False
+      self._previous_sigterm_handler = None
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the train loop should save now and exit because the job is being preempted.
+
+    True when this process received SIGTERM (the flag of `install_sigterm_handler`) or when
+    orbax's `CheckpointManager.reached_preemption(step)` says so: in a multi-process run with
+    the JAX preemption service that is JAX's preemption sync point, a step that every process
+    reaches, so they all save the same step together (call this every step on every process);
+    without jax.distributed it is always False. Do not rely on the local flag alone across
+    processes: each would see SIGTERM at a different step and the collective save would hang.
+    """
+    reached = self.preempted or self._manager.reached_preemption(step)
+    if reached and not self._reported_preemption:
+      logger.warning('Preemption at step %d: saving a checkpoint and stopping.', step)
+      self._reported_preemption = True
+    return reached
+
+
+def _flatten(config: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are leaves."""
+  if not isinstance(config, dict):
+    return {prefix: config}
+  flat = {}
+  for key, value in config.items():
+    path = f'{prefix}.{key}' if prefix else str(key)
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                        allowed_to_differ: Sequence[str]) -> list[tuple[str, Any, Any]]:
+  """(key path, old value, new value) of each difference not allowed, sorted by path."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  missing = '<absent>'
+
+  def allowed(path: str) -> bool:
+    return path in allowed_to_differ or path.rsplit('.', 1)[-1] in allowed_to_differ
+
+  return [(path, old_flat.get(path, missing), new_flat.get(path, missing))
+          for path in sorted(set(old_flat) | set(new_flat))
+          if not allowed(path) and old_flat.get(path, missing) != new_flat.get(path, missing)]
+
+
+def _clear_directory(path: epath.Path) -> None:
+  for child in path.iterdir():
+    if child.is_dir():
+      child.rmtree()
+    else:
+      child.unlink()
+
+
+def check_workdir(workdir, config_json: str, overwrite: bool = False,
+                  allowed_to_differ: Sequence[str] = DEFAULT_ALLOWED_TO_DIFFER) -> bool:
+  """Makes `workdir` a run directory of this config; refuses to mix runs of different configs.
+
+  A workdir holding a config.json of the same config (ignoring the keys in allowed_to_differ) is
+  a run to resume. One of a different config raises, unless overwrite=True: then its contents
+  (checkpoints, logs, config.json) are deleted. overwrite does nothing when the configs match,
+  so a preempted job restarted with the same command line (--overwrite included) resumes
+  instead of wiping its own progress. config.json is then (re)written with `config_json`.
+
+  Call it on every process before creating the Checkpointer: every process compares; process 0
+  alone deletes and writes, and the others wait for it.
+
+  Args:
+    workdir: the run directory (created if missing).
+    config_json: the run's config as a JSON object.
+    overwrite: delete the contents of a workdir that holds a different config (or files but no
+      config.json).
+    allowed_to_differ: key names (matching at any depth) or dotted key paths ('train.lr') whose
+      values may change between the run and its resumption.
+
+  Returns:
+    True if the workdir holds a run of this config to resume, False if it starts fresh.
+
+  Raises:
+    ValueError: config_json is not a JSON object, or the workdir holds another config (or
+      unrelated files) and overwrite is False.
+  """
+  try:
+    config = json.loads(config_json)
+  except ValueError as e:
+    raise ValueError(f'config_json is not valid JSON ({e}).') from e
+  if not isinstance(config, dict):
+    raise ValueError(f'config_json must be a JSON object, got {type(config).__name__}.')
+  workdir = _as_path(workdir)
+  config_path = workdir / CONFIG_FILE
+  fix = 'Pass --overwrite to delete it and start afresh, or use a new workdir.'
+  clear = False
+  if config_path.exists():
+    try:
+      old_config = json.loads(config_path.read_text())
+    except ValueError as e:
+      raise ValueError(f'{config_path} is not valid JSON ({e}). {fix}') from e
+    differences = _config_differences(old_config, config, allowed_to_differ)
+    if differences and not overwrite:
+      shown = '\n'.join(f'  {path}: {old!r} (in {workdir}) -> {new!r} (now)'
+                        for path, old, new in differences[:_SHOWN_DIFFERENCES])
+      more = len(differences) - _SHOWN_DIFFERENCES
+      shown += f'\n  ... and {more} more' if more > 0 else ''
+      raise ValueError(f'{workdir} holds a run of a different config ({len(differences)} keys '
+                       f'differ):\n{shown}\n{fix}')
+    clear = bool(differences)
+  elif workdir.exists() and any(workdir.iterdir()):
+    if not overwrite:
+      raise ValueError(f'{workdir} holds files but no {CONFIG_FILE}, so it is not a run of this '
+                       f'config. {fix}')
+    clear = True
+  resume = config_path.exists() and not clear
+  if jax.process_count() > 1:
+    # Every process has read the old config before process 0 changes it.
+    multihost_utils.sync_global_devices(f'check_workdir read {workdir}')
+  if jax.process_index() == 0:
+    if clear:
+      logger.warning('Overwriting %s: deleting the previous run in it.', workdir)
+      _clear_directory(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so that a kill mid-write never leaves a truncated config.json.
+    tmp_path = workdir / f'{CONFIG_FILE}.tmp'
+    tmp_path.write_text(config_json)
+    tmp_path.replace(config_path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'check_workdir written {workdir}')
+  return resume

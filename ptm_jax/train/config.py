@@ -1,0 +1,81 @@
+"""The trainer's configuration: every top-level key with its default, and config-file arguments.
+
+Config files (configs/NAME.py) start from `base_config()` and set what their experiment needs;
+`--config.KEY=VALUE` on the command line can then change any key, and unknown keys are errors.
+"""
+
+from typing import Any
+
+import ml_collections
+
+from ptm_jax.data import pipeline
+from ptm_jax.train import optimizers
+
+
+# Config keys that may change between a run and its resumption (the rest must match).
+RESUMABLE_KEYS = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_steps',
+                  'keep_checkpoints')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every top-level key the trainer reads, with its default. Configs start from this."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 32                 # global, over all hosts and devices
+  c.log_every = 50
+  c.eval_every = 500                # 0: evaluate only at the end
+  c.eval_steps = 0                  # 0: the whole eval split
+  c.checkpoint_every = 500          # 0: only at the end and on preemption
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.model = ml_collections.ConfigDict({'name': 'vit-ti/16', 'dtype': 'float32'})
+  c.init = ml_collections.ConfigDict({'from_pretrained': ''})
+  c.data = pipeline.default_config()
+  c.optimizer = optimizers.default_config()
+  c.loss = ml_collections.ConfigDict({'label_smoothing': 0.0})
+  return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` over base_config(): unknown keys anywhere are an error that names them."""
+  out = base_config()
+
+  def merge(base, new, prefix):
+    for key, value in new.items():
+      if key not in base:
+        if prefix in ('model.',):  # family config fields, checked by the registry
+          base[key] = value
+          continue
+        raise ValueError(f'Unknown config key {prefix}{key}; known keys under '
+                         f'{prefix or "the top level"}: {sorted(base.keys())}.')
+      if isinstance(value, ml_collections.ConfigDict) and isinstance(base[key],
+                                                                     ml_collections.ConfigDict):
+        merge(base[key], value, f'{prefix}{key}.')
+      else:
+        base[key] = value
+  merge(out, config, '')
+  return out
+
+
+def parse_arg(arg: str, **defaults: Any) -> ml_collections.ConfigDict:
+  """A config file's argument string 'k1=v1,k2=v2' -> ConfigDict over `defaults`.
+
+  Values take the type of their default (bool accepts true/false/1/0/yes/no); keys without a
+  default are an error that lists the known ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (a.strip() for a in arg.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep:
+      value = 'True'  # a bare 'runlocal' means runlocal=True
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+        raise ValueError(f'Config argument {key}={value!r} is not a boolean.')
+      out[key] = value.lower() in ('true', '1', 'yes')
+    else:
+      out[key] = kind(value)
+  return out
