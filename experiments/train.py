@@ -12,14 +12,11 @@ The run resumes by itself from the latest good checkpoint in DIR (train state an
 position together), so kill it at any time and start the same command again.
 """
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Any
-
 from absl import app, flags, logging
 import flax.linen as nn
 import jax
@@ -41,27 +38,22 @@ from ptm_jax.train.config import RESUMABLE_KEYS, finalize
 # Model and train state.
 
 
-def _model_and_variables(config, info, mesh, example_inputs: dict, rng):
-  """(module, family, variables sharded on the mesh, variable shardings)."""
+def _model_and_variables(config, family: str, info, mesh, example_inputs: dict, rng):
+  """(module, variables sharded on the mesh, variable shardings)."""
   task = config.data.task
   if config.init.from_pretrained:
-    hf = ptm_jax.hub.pretrained.read_config(
-        ptm_jax.hub.pretrained.resolve(config.init.from_pretrained))
-    family = hf['model_type']
     overrides = registry.data_fields(family, task, info, config.data)
     overrides.pop('vocab_size', None)  # a pretrained vocabulary is the checkpoint's own
-    overrides.pop('image_size', None) if family == 'clip' else None
     module, variables = ptm_jax.from_pretrained(
         config.init.from_pretrained, registry.DTYPES[config.model.dtype],
         head=registry.head_for(family, task), config_overrides=overrides, rng=rng, mesh=mesh)
     abstract = partitioning.abstract_variables(module, example_inputs)
-    shardings = partitioning.variable_shardings(abstract, mesh)
-    return module, family, variables, shardings
-  module, family = registry.build_model(config.model, task, info, config.data)
+    return module, variables, partitioning.variable_shardings(abstract, mesh)
+  module, _ = registry.build_model(config.model, task, info, config.data)
   abstract = partitioning.abstract_variables(module, example_inputs)
   shardings = partitioning.variable_shardings(abstract, mesh)
   init = jax.jit(lambda r: nn.unbox(module.init(r, **example_inputs)), out_shardings=shardings)
-  return module, family, init(rng), shardings
+  return module, init(rng), shardings
 
 
 def count_params(tree) -> int:
@@ -210,11 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   task = config.data.task
   tokenizer = pipeline.make_tokenizer(config.data, checkpoint=config.init.from_pretrained)
-  family_hint = (registry.family_of(config.model.name) if not config.init.from_pretrained
-                 else ptm_jax.hub.pretrained.read_config(ptm_jax.hub.pretrained.resolve(
-                     config.init.from_pretrained))['model_type'])
+  # The family: the preset's, or the checkpoint's own (its config.json is read once, here).
+  family = (registry.family_of(config.model.name) if not config.init.from_pretrained
+            else ptm_jax.hub.pretrained.read_config(ptm_jax.hub.pretrained.resolve(
+                config.init.from_pretrained))['model_type'])
   train_loader = pipeline.make_loader(config, config.data.train_split, train=True, mesh=mesh,
-                                      tokenizer=tokenizer, family=family_hint)
+                                      tokenizer=tokenizer, family=family)
   info = train_loader.info
   if tokenizer is not None and hasattr(tokenizer, 'save') and is_writer:
     tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
@@ -223,9 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   train_loader.reset()
   rng = jax.random.key(config.seed)
   init_rng, model_rng, step_rng = jax.random.split(rng, 3)
-  example_inputs = registry.model_inputs(family_hint, first_batch)
-  module, family, variables, var_shardings = _model_and_variables(
-      config, info, mesh, example_inputs, init_rng)
+  example_inputs = registry.model_inputs(family, first_batch)
+  module, variables, var_shardings = _model_and_variables(
+      config, family, info, mesh, example_inputs, init_rng)
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
 
   params = variables['params']

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ptm_jax import partitioning
-from ptm_jax.data import embedded, pipeline, text
+from ptm_jax.data import embedded, pipeline
 from ptm_jax.data.sources import DataError
 from tests.test_tokenizers import write_bpe_folder
 

@@ -256,15 +256,11 @@ def _image_fn(data, family: str, train: bool):
 
 def _encode_text(tokenizer, first: str, second: str | None, seq_len: int) -> dict[str, np.ndarray]:
   """[CLS] A [SEP] (B [SEP]) (or the tokenizer's template), truncated longest-first to seq_len."""
-  ids, type_ids = tokenizer.encode_special(_as_str(first), None if second is None
-                                           else _as_str(second), max_length=seq_len)
+  ids, type_ids = tokenizer.encode_special(text.as_text(first), None if second is None
+                                           else text.as_text(second), max_length=seq_len)
   input_ids, mask = text.pad_or_truncate(ids, seq_len, tokenizer.pad_id or 0)
   types, _ = text.pad_or_truncate(type_ids, seq_len, 0)
   return {'input_ids': input_ids, 'attention_mask': mask, 'token_type_ids': types}
-
-
-def _as_str(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
 def _classification_transform(data, info: DatasetInfo, family: str, train: bool, where: str):
@@ -303,7 +299,7 @@ def _image_text_transform(data, info: DatasetInfo, family: str, train: bool, whe
     caption = captions[int(rng.integers(len(captions)))] if train else captions[0]
     image_value = example[key]
     if isinstance(image_value, (str, bytes)) and data.table_file:
-      image_value = os.path.join(os.path.dirname(data.table_file), _as_str(image_value))
+      image_value = os.path.join(os.path.dirname(data.table_file), text.as_text(image_value))
     out = _encode_text(info.tokenizer, caption, None, data.seq_len)
     del out['token_type_ids']
     out['image'] = preprocess(image_value, rng=rng, name=f'{where} example {index}')
@@ -356,7 +352,7 @@ class _TokenizedDocuments(Sequence):
 
   @functools.lru_cache(maxsize=4096)
   def __getitem__(self, index):
-    sentences = text.split_sentences(_as_str(self.source[index][self.key]))
+    sentences = text.split_sentences(text.as_text(self.source[index][self.key]))
     return [self.tokenizer.encode(s) for s in sentences]
 
 
@@ -429,8 +425,9 @@ def open_split(data: ml_collections.ConfigDict, split: str, *, train: bool, seed
     documents = _TokenizedDocuments(src, key, tokenizer)
     for name in ('cls_id', 'sep_id', 'mask_id'):
       if getattr(tokenizer, name, None) is None:
+        which = data.tokenizer or 'the checkpoint tokenizer'
         raise ValueError(f'mlm_nsp needs a tokenizer with {name[:-3].upper()} tokens (a BERT '
-                         f'WordPiece vocabulary); {config_tokenizer_name(data)} has none.')
+                         f'WordPiece vocabulary); {which!r} has none.')
 
     def mlm_example(index, rng):
       return text.mlm_nsp_example(
@@ -459,10 +456,6 @@ def open_split(data: ml_collections.ConfigDict, split: str, *, train: bool, seed
   return SplitData(ds.random_map(lambda ie, rng: transform(ie[0], ie[1], rng)), info)
 
 
-def config_tokenizer_name(data) -> str:
-  return repr(data.tokenizer or 'the checkpoint tokenizer')
-
-
 def _concat_tokens(docs: Sequence[str], tokenizer) -> np.ndarray:
   """Documents joined into one token array, an end-of-text token between them where one exists."""
   parts = []
@@ -488,7 +481,7 @@ def _streamed_lm(src, key: str, tokenizer, seq_len: int, train: bool, seed: int,
   eos = tokenizer.eos_id
 
   def tokenize(example):
-    ids = np.asarray(tokenizer.encode(_as_str(example[key])), np.int32)
+    ids = np.asarray(tokenizer.encode(text.as_text(example[key])), np.int32)
     if eos is not None:
       ids = np.concatenate([ids, np.array([eos], np.int32)])
     return {'tokens': ids}

@@ -72,8 +72,8 @@ class TextTokenizer(abc.ABC):
     fit max_length.
     """
     end = [] if self.eos_id is None else [self.eos_id]
-    a = self.encode(_as_text(text))
-    b = None if pair is None else self.encode(_as_text(pair))
+    a = self.encode(as_text(text))
+    b = None if pair is None else self.encode(as_text(pair))
     if max_length is not None:
       room = max_length - len(end) * (1 if b is None else 2)
       if room < (1 if b is None else 2):
@@ -91,7 +91,8 @@ class TextTokenizer(abc.ABC):
     return (np.concatenate(parts).astype(np.int32), np.concatenate(types).astype(np.int32))
 
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
+  """A str, whether a source gave str or UTF-8 bytes (TFDS text features are bytes)."""
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
