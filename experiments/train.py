@@ -12,6 +12,7 @@ The run resumes by itself from the latest good checkpoint in DIR (train state an
 position together), so kill it at any time and start the same command again.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -30,8 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ptm_jax
 from ptm_jax import partitioning
 from ptm_jax.data import pipeline
-from ptm_jax.models import registry
-from ptm_jax.train import checkpointing, objectives, optimizers
+from ptm_jax.models import layers, registry
+from ptm_jax.train import checkpointing, distributed, hardware, objectives, optimizers
 from ptm_jax.train.config import RESUMABLE_KEYS, finalize
 
 # ------------------------------------------------------------------------------------------------
@@ -45,19 +46,42 @@ def _model_and_variables(config, family: str, info, mesh, example_inputs: dict, 
     overrides = registry.data_fields(family, task, info, config.data)
     overrides.pop('vocab_size', None)  # a pretrained vocabulary is the checkpoint's own
     module, variables = ptm_jax.from_pretrained(
-        config.init.from_pretrained, registry.DTYPES[config.model.dtype],
+        config.init.from_pretrained, registry.dtype_of(config.model),
         head=registry.head_for(family, task), config_overrides=overrides, rng=rng, mesh=mesh)
+    stack = registry.layer_stack_of(config.model)
+    if stack != layers.LayerStack():
+      if family == 'resnet':
+        raise ValueError('config.model.remat and scan_layers apply to transformer stacks; '
+                         'ResNet has none: leave them at their defaults.')
+      module = module.clone(layer_stack=stack)
     abstract = partitioning.abstract_variables(module, example_inputs)
-    return module, variables, partitioning.variable_shardings(abstract, mesh)
+    shardings = partitioning.variable_shardings(abstract, mesh)
+    if stack.scan:  # the checkpoint's layer_0 ... layer_{n-1} become one stacked 'layers'
+      variables = jax.jit(layers.stack_layers, out_shardings=shardings)(variables)
+    return module, variables, shardings
   module, _ = registry.build_model(config.model, task, info, config.data)
   abstract = partitioning.abstract_variables(module, example_inputs)
   shardings = partitioning.variable_shardings(abstract, mesh)
-  init = jax.jit(lambda r: nn.unbox(module.init(r, **example_inputs)), out_shardings=shardings)
-  return module, init(rng), shardings
+  if family != 'resnet' and module.layer_stack.scan:
+    # Initialise as the looped stack does, then stack: scan on or off trains the same weights.
+    looped = module.clone(layer_stack=dataclasses.replace(module.layer_stack, scan=False))
+    init_fn = lambda r: layers.stack_layers(nn.unbox(looped.init(r, **example_inputs)))
+  else:
+    init_fn = lambda r: nn.unbox(module.init(r, **example_inputs))
+  return module, jax.jit(init_fn, out_shardings=shardings)(rng), shardings
 
 
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_bytes_per_device(tree) -> int:
+  """The most bytes of `tree` that any one device holds (shows FSDP/tensor sharding)."""
+  per_device: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return int(max(per_device.values()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,10 +116,56 @@ def make_steps(module, family: str, config, tx):
     loss, metrics = objective(out, batch, **kwargs)
     return loss, (metrics, new_extra)
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum_steps = int(config.optimizer.grad_accum_steps)
+  if accum_steps > 1 and objective_name == 'contrastive':
+    raise ValueError('optimizer.grad_accum_steps > 1 would shrink the contrastive loss\'s '
+                     'negatives to one micro-batch; use a larger batch over more devices instead.')
+  # Micro-batch weight: its count of examples or tokens, so that the accumulated gradient is
+  # the full batch's (mean over all tokens, padding excluded). MLM + NSP averages two losses with
+  # different counts; its micro-batches are weighted equally (as BERT's own code does).
+  weight_key = objectives.MERGE_WEIGHTS[objective_name]
+  weight_key = weight_key if isinstance(weight_key, str) else None
+
+  def accumulated_grads(params, extra, batch, rng):
+    """loss, metrics, extra and gradients of the batch, in accum_steps micro-batches."""
+    if accum_steps == 1:
+      (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, True, rng)
+      return loss, metrics, extra, grads
+
+    def split(x):  # (B, ...) -> (k, B/k, ...); micro-batch i takes rows i, i+k, ... so each
+      # device's rows stay on that device.
+      return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+    def body(carry, i_and_micro):
+      i, micro = i_and_micro
+      grads_sum, weight_sum, metrics_sum, extra = carry
+      (loss, (metrics, extra)), grads = grad_fn(params, extra, micro, True,
+                                                jax.random.fold_in(rng, i))
+      w = metrics[weight_key].astype(jnp.float32) if weight_key else jnp.float32(1.0)
+      grads_sum = jax.tree.map(lambda a, g: a + w * g, grads_sum, grads)
+      # Counts (num_*) add up; every other metric is a weighted mean.
+      metrics_sum = {k: metrics_sum[k] + (v if k.startswith('num_') else w * v)
+                     for k, v in dict(metrics, loss=loss).items()}
+      return (grads_sum, weight_sum + w, metrics_sum, extra), None
+
+    micro_batches = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(params, extra, first, True, rng)[0][1][0])
+    metric_zeros = {k: jnp.zeros(m.shape, jnp.float32)
+                    for k, m in dict(metric_shapes, loss=jax.ShapeDtypeStruct((), jnp.float32)).items()}
+    (grads_sum, weight_sum, metrics_sum, extra), _ = jax.lax.scan(
+        body, (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), metric_zeros, extra),
+        (jnp.arange(accum_steps), micro_batches))
+    grads = jax.tree.map(lambda g: g / weight_sum, grads_sum)
+    metrics = {k: v if k.startswith('num_') else v / weight_sum for k, v in metrics_sum.items()}
+    loss = metrics.pop('loss')
+    return loss, metrics, extra, grads
+
   def train_step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, extra)), grads = grad_fn(state['params'], state['extra'], batch, True, rng)
+    loss, metrics, extra, grads = accumulated_grads(state['params'], state['extra'], batch, rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -187,11 +257,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   """Trains (resuming from workdir's checkpoints), evaluates, and returns summary.json's dict."""
   config = finalize(config)
   config.data = pipeline.merged_config(config.data)
-  if config.optimizer.grad_accum_steps != 1:
-    # optax.MultiSteps counts micro-batches; the loop, logging and checkpoints count updates.
-    # Until the loop runs grad_accum_steps micro-batches per step, refuse rather than mis-train.
-    raise ValueError('optimizer.grad_accum_steps > 1 is not supported by experiments/train.py '
-                     'yet; raise batch_size (and the mesh) instead.')
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -199,7 +264,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   checkpointing.check_workdir(workdir, config_json, overwrite=overwrite,
                               allowed_to_differ=RESUMABLE_KEYS)
 
-  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  devices = jax.devices()
+  if config.mesh.devices:
+    if config.mesh.devices > len(devices) or jax.process_count() > 1:
+      raise ValueError(f'config.mesh.devices={config.mesh.devices} but this single-process run '
+                       f'has {len(devices)} devices: set it to at most {len(devices)}, or 0 '
+                       '(all devices; required with several processes).')
+    devices = devices[:config.mesh.devices]
+  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                devices=devices)
   task = config.data.task
   tokenizer = pipeline.make_tokenizer(config.data, checkpoint=config.init.from_pretrained)
   # The family: the preset's, or the checkpoint's own (its config.json is read once, here).
@@ -212,6 +285,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   if tokenizer is not None and hasattr(tokenizer, 'save') and is_writer:
     tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
 
+  accum = config.optimizer.grad_accum_steps
+  data_parallel = pipeline.data_parallel_size(mesh)
+  if accum < 1 or config.batch_size % (accum * data_parallel):
+    raise ValueError(f'batch_size {config.batch_size} does not split into '
+                     f'optimizer.grad_accum_steps={accum} micro-batches that the data-parallel '
+                     f'size {data_parallel} divides: make batch_size a multiple of '
+                     f'{max(accum, 1) * data_parallel}.')
   first_batch = next(train_loader)  # shapes for init and compilation; then back to the start
   train_loader.reset()
   rng = jax.random.key(config.seed)
@@ -260,6 +340,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   t0 = time.time()
   compiled = jit_train.lower(state, first_batch).compile()
   compile_s = time.time() - t0
+  # MFU's numerator (ptm_jax.train.hardware): 3 x the forward FLOPs of one global batch.
+  forward_flops = hardware.flops_of(jit_eval.lower(state, first_batch))
+  model_flops = 3 * forward_flops if forward_flops else None
   memory = compiled.memory_analysis()
   step_bytes = None
   if memory is not None:
@@ -267,7 +350,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
                      + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   summary = {'total_params': total_params, 'trainable_params': total_params,
              'train_step_memory_bytes': step_bytes, 'compile_seconds': compile_s,
-             'mesh': dict(mesh.shape), 'devices': jax.device_count(),
+             'model_flops_per_step': model_flops,
+             'compute_dtype': config.model.dtype,
+             'param_dtypes': sorted({str(x.dtype) for x in jax.tree.leaves(params)}),
+             'param_bytes_per_device': param_bytes_per_device(params),
+             'mesh': dict(mesh.shape), 'devices': mesh.size,
              'device_kind': jax.devices()[0].device_kind, 'batch_size': config.batch_size,
              'model': config.init.from_pretrained or config.model.name, 'task': task}
   if is_writer:
@@ -318,6 +405,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         record = {'step': step, 'split': 'train', **train_metrics,
                   'steps_per_sec': rate, unit: rate * items,
                   'eta_seconds': (config.total_steps - step) / max(rate, 1e-9)}
+        utilisation = hardware.mfu(model_flops, 1 / max(rate, 1e-9), mesh.size)
+        if utilisation is not None:
+          record['mfu'] = utilisation
         writer.write(record)
         timer_step, timer_t = step, time.time()
       if (config.eval_every and step % config.eval_every == 0) or done:
@@ -336,8 +426,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
     checkpointer.close()
     writer.close()
 
+  seconds_per_step = seconds_timed / max(steps_timed, 1)
   summary.update({'final_step': config.total_steps, 'train': train_metrics, 'eval': last_eval,
-                  'seconds_per_step': seconds_timed / max(steps_timed, 1)})
+                  'seconds_per_step': seconds_per_step,
+                  'mfu': hardware.mfu(model_flops, seconds_per_step, mesh.size)})
   _write_summary(workdir, summary, is_writer)
   return summary
 
@@ -357,6 +449,14 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step, write su
                              '(memory, parameter counts) and exit without training.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a run of a different config in '
                                '--workdir instead of refusing.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Multi-host: call '
+                                 'jax.distributed.initialize() with cluster auto-detection '
+                                 '(TPU pods, SLURM).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-process without a cluster '
+                                   'manager: host:port of process 0 (with --num_processes and '
+                                   '--process_id).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, from 0.')
 
 
 def main(argv):
@@ -364,6 +464,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_DISTRIBUTED.value)
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value,
                                overwrite=_OVERWRITE.value)
   print(json.dumps({k: summary[k] for k in ('eval', 'train', 'total_params') if k in summary}))

@@ -25,6 +25,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('mlp', 'tensor'),
     ('embed_out', None),
     ('position', None),
+    ('layers', None),  # the stacked axis of a scanned stack (LayerStack.scan)
     ('classes', None),
     ('conv_in', 'fsdp'),
     ('conv_out', 'tensor'),

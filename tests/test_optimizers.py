@@ -255,28 +255,6 @@ def test_global_norm_clipping():
   np.testing.assert_allclose(updates['b'], [[-0.4]], rtol=1e-6)
 
 
-def test_grad_accumulation_updates_every_4th_step_by_the_mean():
-  # linear from 0.1 to 0.05 over 2 updates: the 1st update uses 0.1, the 2nd 0.05, whatever the
-  # number of micro-batches.
-  config = dict(name='sgd', learning_rate=0.1, momentum=0.0, schedule='linear',
-                min_learning_rate=0.0, grad_accum_steps=4)
-  transformation, schedule = opt.make_optimizer(config, total_steps=2)
-  params = tiny_params()
-  grads = tiny_grads(8, seed=3)
-  history = [flat(params)] + [flat(p) for p in run_optax(transformation, params, grads)]
-  flat_grads = [flat(g) for g in grads]
-  for n in range(1, 9):
-    for key in history[n]:
-      if n % 4:
-        np.testing.assert_array_equal(history[n][key], history[n - 1][key])
-      else:
-        mean = np.mean([g[key] for g in flat_grads[n - 4:n]], axis=0)
-        lr = opt.learning_rate_at(schedule, n // 4 - 1)
-        np.testing.assert_allclose(history[n][key], history[n - 4][key] - lr * mean,
-                                   rtol=1e-5, atol=1e-6)
-  assert opt.learning_rate_at(schedule, 1) == pytest.approx(0.05)
-
-
 def test_optimizer_takes_abstract_params_and_checks_them():
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tiny_params())
   transformation, _ = opt.make_optimizer(dict(ADAMW, grad_accum_steps=2), 10, params=abstract)

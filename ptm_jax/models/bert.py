@@ -69,6 +69,7 @@ class BertEncoder(nn.Module):
   add_pooler: bool = True
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT=None, token_type_ids_BxT=None,
@@ -99,7 +100,8 @@ class BertEncoder(nn.Module):
         mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
         layer_norm_eps=cfg.layer_norm_eps, norm_first=False, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, dtype=self.dtype,
-        param_dtype=self.param_dtype, init_std=cfg.initializer_range)
+        param_dtype=self.param_dtype, init_std=cfg.initializer_range,
+        layer_stack=self.layer_stack)
 
     pooled_BxD = None
     if self.add_pooler:
@@ -116,6 +118,7 @@ class Bert(nn.Module):
   head: str | None = None
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
@@ -124,7 +127,7 @@ class Bert(nn.Module):
       raise ValueError(f'Unknown BERT head {self.head!r}; choose one of {HEADS}.')
     cfg = self.config
     base = BertEncoder(cfg, add_pooler=self.head in _HEADS_WITH_POOLER, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='bert')
+                       param_dtype=self.param_dtype, layer_stack=self.layer_stack, name='bert')
     encoded = base(input_ids, attention_mask, token_type_ids, position_ids,
                    deterministic=deterministic)
     if self.head is None:

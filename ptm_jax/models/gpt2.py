@@ -88,6 +88,7 @@ class GPT2Transformer(nn.Module):
   config: GPT2Config
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxS=None, position_ids_BxT=None, *,
@@ -122,7 +123,7 @@ class GPT2Transformer(nn.Module):
         layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-        out_init_std=out_init_std)
+        out_init_std=out_init_std, layer_stack=self.layer_stack)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='ln_f', dtype=self.dtype,
                                 param_dtype=self.param_dtype)(x_BxTxD)
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD)
@@ -138,6 +139,7 @@ class GPT2(nn.Module):
   head: str | None = None
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *,
@@ -145,7 +147,7 @@ class GPT2(nn.Module):
     if self.head not in HEADS:
       raise ValueError(f'Unknown GPT-2 head {self.head!r}; choose one of {HEADS}.')
     base = GPT2Transformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name='transformer')
+                           layer_stack=self.layer_stack, name='transformer')
     encoded = base(input_ids, attention_mask, position_ids, deterministic=deterministic,
                    decode=decode)
     if self.head is None:

@@ -14,7 +14,9 @@ Shapes in names follow nanodo: x_BxTxD is (batch, tokens, width); N heads of H d
 Parameters default to float32; `dtype` is the compute dtype (bf16 for mixed precision).
 """
 
+import dataclasses
 import functools
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -276,14 +278,88 @@ class PatchEmbedding(nn.Module):
     return x.reshape(b, (h // p) * (w // p), self.features)
 
 
+# Rematerialisation policies (jax.checkpoint_policies): what a block keeps from its forward pass
+# for the backward pass; the rest is recomputed. 'full' keeps only the block's input.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+  """How transformer_stack runs its blocks; changes memory and compile time, not the maths.
+
+  remat: a REMAT_POLICIES name. 'none' stores every activation for the backward pass.
+  scan: one jax.lax.scan over the blocks (compile time flat in depth) instead of a Python loop.
+    The parameters are then stacked, (num_layers, ...) under 'layers' instead of layer_0 ...
+    layer_{n-1}; `stack_layers` / `unstack_layers` convert between the two layouts.
+  """
+  remat: str = 'none'
+  scan: bool = False
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat policy {self.remat!r}; choose one of '
+                       f'{sorted(REMAT_POLICIES)}.')
+
+
 def transformer_stack(x_BxTxD, mask=None, *, num_layers: int, causal: bool = False,
-                      deterministic: bool = True, decode: bool = False, **block_fields):
-  """num_layers TransformerBlocks named layer_0 ... layer_{n-1} in the calling module's scope.
+                      deterministic: bool = True, decode: bool = False,
+                      layer_stack: LayerStack = LayerStack(), **block_fields):
+  """num_layers TransformerBlocks in the calling module's scope -> (B, T, D).
 
   Call from inside a compact method; block_fields are TransformerBlock's fields. The one place
-  every family builds its stack, so rematerialisation or a scan over layers goes here.
+  every family builds its stack: blocks are named layer_0 ... layer_{n-1}, or stacked under
+  'layers' with layer_stack.scan.
   """
+  def apply_block(block, carry_BxTxD, _):
+    return block(carry_BxTxD, mask, causal=causal, deterministic=deterministic,
+                 decode=decode), None
+
+  if layer_stack.remat != 'none':
+    apply_block = nn.remat(apply_block, policy=REMAT_POLICIES[layer_stack.remat])
+  if layer_stack.scan:
+    scanned = nn.scan(apply_block, variable_axes={'params': 0, 'cache': 0},
+                      split_rngs={'params': True, 'dropout': True}, length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxTxD, _ = scanned(TransformerBlock(**block_fields, name='layers'), x_BxTxD, None)
+    return x_BxTxD
   for i in range(num_layers):
-    x_BxTxD = TransformerBlock(**block_fields, name=f'layer_{i}')(
-        x_BxTxD, mask, causal=causal, deterministic=deterministic, decode=decode)
+    x_BxTxD, _ = apply_block(TransformerBlock(**block_fields, name=f'layer_{i}'), x_BxTxD, None)
   return x_BxTxD
+
+
+_LAYER_KEY = re.compile(r'layer_(\d+)$')
+
+
+def stack_layers(tree):
+  """Variables of a looped stack (layer_0 ... layer_{n-1}) -> the scanned layout ('layers').
+
+  Works on any nesting (a whole `variables` dict, or params only); arrays gain a leading
+  (num_layers,) axis. Inverse: `unstack_layers`.
+  """
+  if not isinstance(tree, dict):
+    return tree
+  indices = sorted(int(m.group(1)) for m in map(_LAYER_KEY.match, tree) if m)
+  out = {k: stack_layers(v) for k, v in tree.items() if not _LAYER_KEY.match(k)}
+  if indices:
+    if indices != list(range(len(indices))):
+      raise ValueError(f'Layers {indices} are not numbered 0..{len(indices) - 1}.')
+    layers_ = [stack_layers(tree[f'layer_{i}']) for i in indices]
+    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers_)
+  return out
+
+
+def unstack_layers(tree):
+  """The scanned layout ('layers', leading num_layers axis) -> layer_0 ... layer_{n-1}."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: unstack_layers(v) for k, v in tree.items() if k != 'layers'}
+  if 'layers' in tree:
+    n = jax.tree.leaves(tree['layers'])[0].shape[0]
+    for i in range(n):
+      out[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], tree['layers'])
+  return out

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ptm_jax.models import bert, clip, gpt2, resnet, vit
+from ptm_jax.models import bert, clip, gpt2, layers, resnet, vit
 
 FAMILIES = {
     'bert': (bert.Bert, bert.PRESETS), 'gpt2': (gpt2.GPT2, gpt2.PRESETS),
@@ -109,12 +109,30 @@ def model_config(model: ml_collections.ConfigDict, task: str, info, data):
   return family, _replace(cfg, fields, family)
 
 
+def dtype_of(model: ml_collections.ConfigDict):
+  name = model.get('dtype', 'float32')
+  if name not in DTYPES:
+    raise ValueError(f'Unknown config.model.dtype {name!r}; choose one of {sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
+def layer_stack_of(model: ml_collections.ConfigDict) -> layers.LayerStack:
+  """config.model.remat / scan_layers as the transformer families' LayerStack."""
+  return layers.LayerStack(remat=model.get('remat', 'none'),
+                           scan=bool(model.get('scan_layers', False)))
+
+
 def build_model(model: ml_collections.ConfigDict, task: str, info, data) -> tuple[nn.Module, str]:
   """(module, family) for training `task` from scratch with config.model."""
   family, cfg = model_config(model, task, info, data)
   cls, _ = FAMILIES[family]
-  dtype = DTYPES[model.get('dtype', 'float32')]
-  kwargs = {'dtype': dtype}
+  kwargs = {'dtype': dtype_of(model)}
+  stack = layer_stack_of(model)
+  if family != 'resnet':
+    kwargs['layer_stack'] = stack
+  elif stack != layers.LayerStack():
+    raise ValueError('config.model.remat and scan_layers apply to transformer stacks; ResNet has '
+                     'none: leave them at their defaults.')
   head = head_for(family, task)
   if family != 'clip':
     kwargs['head'] = head

@@ -161,6 +161,7 @@ class ViTEncoder(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str | None = None
+  layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
   def __call__(self, pixels_BxHxWxC, *, deterministic: bool = True):
@@ -201,7 +202,7 @@ class ViTEncoder(nn.Module):
         layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-        attention_impl=self.attention_impl)
+        attention_impl=self.attention_impl, layer_stack=self.layer_stack)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='final_ln', dtype=self.dtype,
                                 param_dtype=self.param_dtype)(x_BxTxD)
 
@@ -223,6 +224,7 @@ class ViT(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
+  layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
   def __call__(self, pixel_values, *, deterministic: bool = True):
@@ -231,7 +233,8 @@ class ViT(nn.Module):
     cfg = self.config
     encoded = ViTEncoder(
         cfg, add_pooler=self.head is None and cfg.add_pooling_layer, dtype=self.dtype,
-        param_dtype=self.param_dtype, attention_impl=self.attention_impl, name='vit')(
+        param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+        layer_stack=self.layer_stack, name='vit')(
             jnp.asarray(pixel_values), deterministic=deterministic)
     if self.head is None:
       return encoded

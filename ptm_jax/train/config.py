@@ -28,8 +28,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_steps = 0                  # 0: the whole eval split
   c.checkpoint_every = 500          # 0: only at the end and on preemption
   c.keep_checkpoints = 3
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  c.model = ml_collections.ConfigDict({'name': 'vit-ti/16', 'dtype': 'float32'})
+  # -1: the devices left over. devices: use the first N devices (0 = all), e.g. 1 for a
+  # single-device reference run on a multi-device machine.
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'devices': 0})
+  # dtype: the compute dtype ('bfloat16' = mixed precision: bf16 matmuls and activations,
+  # float32 parameters, optimizer state and losses). remat: a ptm_jax.models.layers
+  # REMAT_POLICIES name; scan_layers: one lax.scan over the blocks (parameters stacked).
+  c.model = ml_collections.ConfigDict({'name': 'vit-ti/16', 'dtype': 'float32',
+                                       'remat': 'none', 'scan_layers': False})
   c.init = ml_collections.ConfigDict({'from_pretrained': ''})
   c.data = pipeline.default_config()
   c.optimizer = optimizers.default_config()

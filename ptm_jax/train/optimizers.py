@@ -1,16 +1,14 @@
 """Optimizers and learning-rate schedules built from `config.optimizer` (an ml_collections dict).
 
 The trainer names an optimizer and a schedule in its config and gets back one optax
-GradientTransformation (clipping, weight decay and gradient accumulation included) and the
-schedule it uses, so that the logged learning rate is the applied one.
+GradientTransformation (clipping and weight decay included) and the schedule it uses, so that the logged learning rate is the applied one.
 
 Steps. Every step count here (total_steps, warmup_steps, decay_steps) counts optimizer updates,
 i.e. parameter changes, as nanoGPT's iterations do. Update number t (0-based: the first update is
-t = 0) uses the learning rate schedule(t), as nanoGPT's iteration `it` uses get_lr(it). With
-grad_accum_steps = k the returned transformation is an optax.MultiSteps: the trainer calls its
-update once per micro-batch, k * total_steps times in all, and the parameters change on every
-k-th call, by the step for the mean of the k gradients; the schedule advances once per change,
-so after n micro-batches the current learning rate is schedule(n // k).
+t = 0) uses the learning rate schedule(t), as nanoGPT's iteration `it` uses get_lr(it).
+grad_accum_steps is read by the trainer's step (experiments/train.py), which sums the gradients
+of its k micro-batches before the one update, so the optimizer always sees one gradient per
+step.
 
 Schedules (peak learning_rate, warmup over warmup_steps, then):
   constant            the peak.
@@ -92,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.nesterov = False                # also NAdam(W) for adam and adamw
   # Gradients.
   c.grad_clip_norm = 0.0            # 0 = no clipping; else the largest global norm
-  c.grad_accum_steps = 1            # micro-batches per update (optax.MultiSteps)
+  c.grad_accum_steps = 1            # micro-batches per update (accumulated in the train step)
   # Slanted triangular (ULMFiT).
   c.cut_frac = 0.1                  # fraction of the steps spent increasing
   c.ratio = 32.0                    # peak / lowest learning rate
@@ -220,8 +218,7 @@ def make_optimizer(config: ConfigLike, total_steps: int, *, params=None
   """(optimizer, schedule) from `config.optimizer` for total_steps optimizer updates.
 
   The optimizer chains global-norm clipping (if grad_clip_norm > 0), the optimizer with its
-  schedule and masked weight decay, and is wrapped in optax.MultiSteps when grad_accum_steps > 1
-  (then each call to update takes one micro-batch's gradients; see the module docstring).
+  schedule and masked weight decay; one call of update per optimizer step.
 
   Args:
     config: config.optimizer (or a mapping of some of its keys).
@@ -263,9 +260,6 @@ def make_optimizer(config: ConfigLike, total_steps: int, *, params=None
   if weight_decay and config.name not in _DECOUPLED:
     parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
   transformation = optax.chain(*parts, optimizer)
-  if config.grad_accum_steps > 1:
-    transformation = optax.MultiSteps(
-        transformation, every_k_schedule=config.grad_accum_steps).gradient_transformation()
 
   if params is not None:
     _check_params(config, transformation, params)

@@ -1,0 +1,136 @@
+"""The trainer's step options: gradient accumulation, mixed precision, remat/scan, MFU."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import train
+from ptm_jax.models import gpt2
+from ptm_jax.train import hardware
+from ptm_jax.train.config import base_config, finalize
+
+TINY_GPT2 = gpt2.GPT2Config(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
+                            max_position_embeddings=16, dropout=0.0, embedding_dropout=0.0,
+                            attention_dropout=0.0)
+
+
+def _lm_batch(batch_size=8, length=12, seed=0):
+  """A causal-LM batch whose rows have very different numbers of real (non -100) labels."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, 50, (batch_size, length)).astype(np.int32)
+  labels = np.roll(ids, -1, axis=1)
+  for row in range(batch_size):
+    labels[row, 1 + row * length // (batch_size + 1):] = -100   # 1 .. length-1 real labels
+  return {'input_ids': ids, 'labels': labels}
+
+
+def _steps(accum_steps):
+  config = finalize(base_config())
+  config.data.task = 'causal_lm'
+  config.optimizer.grad_accum_steps = accum_steps
+  module = gpt2.GPT2(TINY_GPT2, head='lm')
+  tx = optax.sgd(0.5)  # linear in the gradient: Adam would magnify float noise in tiny ones
+  train_step, _, _ = train.make_steps(module, 'gpt2', config, tx)
+  params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))['params']
+  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params), 'extra': {},
+           'rng': jax.random.key(1)}
+  return jax.jit(train_step), state
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """4 micro-batches of unequal token counts: same loss, token count and update as one batch."""
+  big_step, big_state = _steps(1)
+  accum_step, accum_state = _steps(4)
+  for seed in range(3):
+    batch = _lm_batch(seed=seed)
+    big_state, big_metrics = big_step(big_state, batch)
+    accum_state, accum_metrics = accum_step(accum_state, batch)
+    assert float(accum_metrics['num_tokens']) == float(big_metrics['num_tokens'])
+    np.testing.assert_allclose(accum_metrics['loss'], big_metrics['loss'], rtol=1e-6)
+    np.testing.assert_allclose(accum_metrics['grad_norm'], big_metrics['grad_norm'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               accum_state['params'], big_state['params'])
+
+
+def test_equal_weighting_would_differ_so_the_test_above_can_fail():
+  """Guards the test above: the per-micro-batch mean losses do not average to the batch loss."""
+  batch = _lm_batch()
+  module = gpt2.GPT2(TINY_GPT2, head='lm')
+  params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))
+  losses = []
+  for i in range(4):
+    rows = slice(i, None, 4)
+    logits = module.apply(params, batch['input_ids'][rows]).logits
+    labels = batch['labels'][rows]
+    mask = labels != -100
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(mask, labels, 0))
+    losses.append(float(jnp.sum(ce * mask) / mask.sum()))
+  logits = module.apply(params, batch['input_ids']).logits
+  mask = batch['labels'] != -100
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(mask, batch['labels'], 0))
+  assert abs(np.mean(losses) - float(jnp.sum(ce * mask) / mask.sum())) > 1e-3
+
+
+def _digits_config(**overrides):
+  config = base_config()
+  config.total_steps, config.batch_size, config.log_every, config.eval_every = 3, 16, 1, 0
+  config.eval_steps, config.checkpoint_every = 2, 0
+  config.data.name, config.data.image_size, config.data.channels = 'digits', 8, 1
+  config.data.augment = 'none'
+  config.model.name = 'vit-ti/16'
+  config.model.update(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                      patch_size=4)
+  config.optimizer.update(name='adamw', learning_rate=1e-3, warmup_steps=0)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def _train_losses(workdir):
+  return [r['loss'] for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl')))
+          if r['split'] == 'train']
+
+
+def test_trainer_runs_with_accumulation_remat_scan_and_bf16(tmp_path):
+  ref = train.train_and_evaluate(_digits_config(), str(tmp_path / 'ref'))
+  ref_losses = _train_losses(tmp_path / 'ref')
+  # Accumulation over 2 micro-batches and a rematerialised, scanned stack: the same training.
+  other = train.train_and_evaluate(
+      _digits_config(**{'optimizer.grad_accum_steps': 2, 'model.remat': 'full',
+                        'model.scan_layers': True}), str(tmp_path / 'accum_scan'))
+  np.testing.assert_allclose(_train_losses(tmp_path / 'accum_scan'), ref_losses, rtol=1e-5)
+  assert other['total_params'] == ref['total_params']
+  # bf16 compute, float32 master weights: close to float32 training, not equal to it.
+  bf16 = train.train_and_evaluate(_digits_config(**{'model.dtype': 'bfloat16'}),
+                                  str(tmp_path / 'bf16'))
+  bf16_losses = _train_losses(tmp_path / 'bf16')
+  np.testing.assert_allclose(bf16_losses, ref_losses, rtol=3e-2)
+  assert bf16_losses != ref_losses
+  assert bf16['param_dtypes'] == ['float32'] and bf16['compute_dtype'] == 'bfloat16'
+
+
+def test_accumulation_that_does_not_divide_the_batch_is_refused(tmp_path):
+  with pytest.raises(ValueError, match='grad_accum_steps=3 .* multiple of 24'):
+    train.train_and_evaluate(_digits_config(**{'optimizer.grad_accum_steps': 3}),
+                             str(tmp_path))
+
+
+def test_mfu_formula_and_xla_flop_count():
+  m, k, n = 64, 32, 16
+  lowered = jax.jit(lambda a, b: a @ b).lower(jnp.zeros((m, k)), jnp.zeros((k, n)))
+  assert hardware.flops_of(lowered) == 2 * m * k * n
+  h100 = type('Device', (), {'device_kind': 'NVIDIA H100 80GB HBM3'})()
+  assert hardware.peak_flops(h100) == 989e12
+  assert hardware.mfu(989e12, 2.0, 4, h100) == pytest.approx(1 / 8)
+  assert hardware.peak_flops(jax.devices('cpu')[0]) is None
+  assert hardware.mfu(1e9, 1.0, 1, jax.devices('cpu')[0]) is None
