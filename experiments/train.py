@@ -245,6 +245,10 @@ def evaluate(eval_step, state, loader, objective_name: str, max_steps: int) -> d
     if max_steps and i >= max_steps:
       break
     results.append(_scalars(eval_step(state, batch)))
+  if not results:
+    raise ValueError(f'The eval split {loader.info.split!r} gave no batch of the global '
+                     'batch_size: give it more data, or set config.data.eval_split to a larger '
+                     'split.')
   return objectives.merge_metrics(results, objectives.MERGE_WEIGHTS[objective_name])
 
 

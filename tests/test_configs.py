@@ -39,7 +39,8 @@ CONFIGS = training_configs()
 
 def test_the_recipes_are_all_here():
   assert {'digits', 'resnet_finetune', 'vit_finetune', 'bert_finetune', 'gpt2_finetune',
-          'clip_pretrain', 'gpt_shakespeare_char'} <= set(CONFIGS)
+          'clip_pretrain', 'gpt_shakespeare_char', 'resnet50_imagenet', 'vit_b16_imagenet',
+          'bert_base_pretrain', 'gpt2_pretrain'} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize('name', CONFIGS)
