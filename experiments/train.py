@@ -418,10 +418,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         last_eval = evaluate(jit_eval, state, eval_loader, objective_name, config.eval_steps)
         writer.write({'step': step, 'split': 'eval', **last_eval})
         timer_t = time.time()
-      if checkpointer.preempted or done or (config.checkpoint_every
-                                            and step % config.checkpoint_every == 0):
+      # SIGTERM (one process) or JAX's preemption service (all processes agree on the step).
+      preempted = checkpointer.reached_preemption(step)
+      if preempted or done or (config.checkpoint_every and step % config.checkpoint_every == 0):
         checkpointer.save(step, state, train_loader.get_state(), force=True)
-      if checkpointer.preempted:
+      if preempted:
         checkpointer.wait()
         logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved, exiting.', step)
         sys.exit(143)

@@ -65,7 +65,8 @@ def test_remat_and_scan_give_the_same_loss_and_gradients(family):
   params = nn.unbox(looped.init(jax.random.key(1), **inputs))['params']
   ref_loss, ref_grads = _value_and_grad(looped, params, inputs, loss)
 
-  for policy in ('full', 'dots'):
+  # Every family: remat alone; the other policies share its code path, so GPT-2 checks them.
+  for policy in ('dots', 'full', 'dots_no_batch') if family == 'gpt2' else ('dots',):
     got_loss, got_grads = _value_and_grad(make(layers.LayerStack(remat=policy)), params,
                                           inputs, loss)
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)

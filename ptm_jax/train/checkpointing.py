@@ -4,7 +4,10 @@ A checkpoint step directory holds two orbax items:
   'state'  the train-state pytree of jax.Arrays (params, optimizer state, step, rng), written by
            every process for its own shards (StandardSave, OCDBT + zarr);
   'data'   a small JSON dict, e.g. the data iterator's state, so that a resumed run continues with
-           the next unseen batch instead of replaying the epoch (JsonSave).
+           the next unseen batch instead of replaying the epoch (JsonSave). orbax writes it from
+           process 0 alone, but in a multi-process run each process's iterator is at its own
+           place (a streamed corpus gives each host its own documents and packing buffer), so
+           there the item holds every process's data state and each process restores its own.
 
 Saves are asynchronous: `save` copies the arrays to host memory and returns; a background thread
 writes them to `<dir>/<step>.orbax-checkpoint-tmp` and renames that to `<dir>/<step>` on commit. A
@@ -31,6 +34,7 @@ import signal
 from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -44,6 +48,8 @@ CONFIG_FILE = 'config.json'
 DEFAULT_ALLOWED_TO_DIFFER = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every')
 # How many differing config keys the check_workdir error shows.
 _SHOWN_DIFFERENCES = 5
+# The key of the data item of a multi-process checkpoint: the list of every process's data state.
+PER_PROCESS_DATA_KEY = 'per_process_data_states'
 
 
 def _as_path(directory) -> epath.Path:
@@ -63,6 +69,35 @@ def _abstract_leaf(leaf) -> jax.ShapeDtypeStruct:
         'jax.eval_shape of the init function with the shardings of '
         'ptm_jax.partitioning.variable_shardings.')
   return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def _all_processes_data_states(data_state: Mapping[str, Any] | None) -> dict[str, list]:
+  """{PER_PROCESS_DATA_KEY: [data state of process 0, of process 1, ...]}.
+
+  A collective: every process calls it with its own JSON-able state. The states travel as UTF-8
+  JSON bytes, zero-padded to a power of two so that a state's length changing by a digit between
+  saves does not compile a new all-gather.
+  """
+  encoded = np.frombuffer(json.dumps(data_state).encode('utf-8'), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(encoded.size))).reshape(-1)
+  padded = np.zeros(1 << int(lengths.max() - 1).bit_length(), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # (processes, padded length)
+  return {PER_PROCESS_DATA_KEY: [json.loads(row[:length].tobytes().decode('utf-8'))
+                                 for row, length in zip(gathered, lengths)]}
+
+
+def _own_data_state(data_state: Any) -> Any:
+  """This process's data state out of a restored data item (the item itself if one process
+  saved it)."""
+  if not (isinstance(data_state, dict) and set(data_state) == {PER_PROCESS_DATA_KEY}):
+    return data_state
+  states = data_state[PER_PROCESS_DATA_KEY]
+  if len(states) != jax.process_count():
+    raise ValueError(f'The checkpoint holds the data states of {len(states)} processes but this '
+                     f'run has {jax.process_count()}: each process resumes its own data iterator, '
+                     f'so resume with {len(states)} processes.')
+  return states[jax.process_index()]
 
 
 class Checkpointer:
@@ -142,6 +177,9 @@ class Checkpointer:
     Asynchronous: returns once the arrays are on the host; `wait()` makes the save durable. A
     step this object already saved or restored is not saved again (returns False).
 
+    In a multi-process run every process calls it, each with its own data_state; `restore`
+    gives each process back its own.
+
     Args:
       step: the train step the state is after (the directory name).
       state: pytree of jax.Arrays, sharded in any way.
@@ -151,6 +189,8 @@ class Checkpointer:
     due = force or (self.save_every > 0 and step % self.save_every == 0)
     if not due or step in self._own_steps:
       return False
+    if jax.process_count() > 1:
+      data_state = _all_processes_data_states(data_state)
     if step in self._manager.all_steps():
       logger.warning('Replacing checkpoint step %d in %s: it was written by an earlier run that '
                      'this run has rolled back past.', step, self.directory)
@@ -194,11 +234,14 @@ class Checkpointer:
         fail (each failure logged as a warning).
 
     Returns:
-      (step, state, data_state), or None if the directory holds no checkpoint.
+      (step, state, data_state), or None if the directory holds no checkpoint. data_state is
+      the one this process saved.
 
     Raises:
       FileNotFoundError: `step` was given and has no checkpoint.
       RuntimeError: no step restores (the message lists each step and its error).
+      ValueError: the checkpoint was saved by another number of processes than this run has
+        (each process's data state has no process to go to).
     """
     abstract_state = jax.tree.map(_abstract_leaf, abstract_state)
     # A save in flight is not yet readable; let it commit first.
@@ -208,9 +251,9 @@ class Checkpointer:
       if step not in steps:
         raise FileNotFoundError(f'No checkpoint of step {step} in {self.directory}; it holds '
                                 f'steps {steps}.')
-      restored = self._restore_step(abstract_state, step)
+      state, data_state = self._restore_step(abstract_state, step)
       self._own_steps.add(step)
-      return (step, *restored)
+      return step, state, _own_data_state(data_state)
     failures = []
     for candidate in reversed(steps):
       try:
@@ -227,7 +270,8 @@ class Checkpointer:
       if failures:
         logger.warning('Restored checkpoint step %d after newer steps %s failed.', candidate,
                        [failed for failed, _ in failures])
-      return (candidate, *restored)
+      state, data_state = restored
+      return candidate, state, _own_data_state(data_state)
     if not failures:
       return None
     tried = '\n'.join(f'  step {failed}: {type(e).__name__}: {e}' for failed, e in failures)
