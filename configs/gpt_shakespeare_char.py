@@ -34,6 +34,7 @@ def get_config(arg: str = ''):
   c.model.num_heads = 4
   c.model.hidden_size = 128
   c.model.hidden_act = 'gelu'   # nanoGPT's nn.GELU() is the exact (erf) form, not GPT-2's tanh
+  c.model.use_bias = False      # nanoGPT's bias=False: no biases in Linear layers or LayerNorms
   c.model.max_position_embeddings = 64
   c.model.dropout = 0.0
   c.model.embedding_dropout = 0.0

@@ -1,5 +1,7 @@
 """GPT-2: parity with transformers both ways, the hub's checkpoint layout, cached generation."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -219,3 +221,15 @@ def test_eos_then_pad(lm):
     end = int(np.argmax(row_free == eos)) if (row_free == eos).any() else NEW
     np.testing.assert_array_equal(row_stopped[:end + 1], row_free[:end + 1])
     assert (row_stopped[end + 1:] == VOCAB - 1).all()
+
+
+def test_bias_free_gpt2_has_no_biases_and_refuses_transformers_export(tmp_path):
+  cfg = dataclasses.replace(gpt2.PRESETS['gpt2-tiny'], use_bias=False)
+  module = gpt2.GPT2(cfg, head='lm')
+  variables = module.init(jax.random.key(0), **module.example_inputs())
+  names = ['/'.join(str(k.key) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(variables))[0]]
+  assert not [n for n in names if n.endswith('bias')]
+  assert any(n.endswith('ln_f/scale') for n in names)
+  with pytest.raises(ValueError, match='use_bias=False has no transformers equivalent'):
+    ptm_jax.save_pretrained(module, variables, str(tmp_path))

@@ -171,8 +171,14 @@ def config_from_hf(config_cls, hf: dict, **overrides):
 def config_to_hf(config) -> dict:
   names = getattr(type(config), 'HF_NAMES', {})
   hf = {}
+  ours_only = getattr(type(config), 'NOT_IN_HF', ())
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
+    if field.name in ours_only:
+      if value != field.default:
+        raise ValueError(f'{type(config).__name__} with {field.name}={value} has no '
+                         'transformers equivalent, so it cannot be saved in that format.')
+      continue
     if dataclasses.is_dataclass(value):
       value = config_to_hf(value)
     hf[names.get(field.name, field.name)] = value

@@ -45,6 +45,10 @@ class GPT2Config:
   scale_attn_by_inverse_layer_idx: bool = False
   add_cross_attention: bool = False
   tie_word_embeddings: bool = True
+  # Not in transformers: False drops every bias of the blocks and LayerNorms (nanoGPT's
+  # bias=False). Such a model trains and generates here but cannot be saved as transformers'
+  # GPT-2, which has biases.
+  use_bias: bool = True
 
   # Our field -> transformers' config.json key.
   HF_NAMES: ClassVar[dict[str, str]] = {
@@ -53,6 +57,9 @@ class GPT2Config:
       'max_position_embeddings': 'n_positions', 'layer_norm_eps': 'layer_norm_epsilon',
       'dropout': 'resid_pdrop', 'embedding_dropout': 'embd_pdrop',
       'attention_dropout': 'attn_pdrop'}
+  # Our fields that transformers' GPT-2 lacks: left out of config.json, and a non-default value
+  # refuses to save.
+  NOT_IN_HF: ClassVar[tuple[str, ...]] = ('use_bias',)
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -123,9 +130,9 @@ class GPT2Transformer(nn.Module):
         layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-        out_init_std=out_init_std, layer_stack=self.layer_stack)
+        out_init_std=out_init_std, layer_stack=self.layer_stack, use_bias=cfg.use_bias)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='ln_f', dtype=self.dtype,
-                                param_dtype=self.param_dtype)(x_BxTxD)
+                                param_dtype=self.param_dtype, use_bias=cfg.use_bias)(x_BxTxD)
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD)
 
 

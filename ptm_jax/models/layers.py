@@ -77,11 +77,12 @@ def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtyp
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
 
 
-def layer_norm(eps: float, *, name: str, dtype: Dtype,
-               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype = jnp.float32,
+               use_bias: bool = True) -> nn.LayerNorm:
   # use_fast_variance=False: the two-pass variance that torch computes, for exact parity.
   return nn.LayerNorm(
       epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
+      use_bias=use_bias,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
@@ -200,16 +201,19 @@ class Mlp(nn.Module):
   param_dtype: Dtype = jnp.float32
   init_std: float = 0.02
   out_init_std: float | None = None
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD):
     d = x_BxTxD.shape[-1]
     h = dense(self.hidden_dim, ('embed', 'mlp'), name='fc_in', dtype=self.dtype,
-              param_dtype=self.param_dtype, kernel_init=normal(self.init_std))(x_BxTxD)
+              param_dtype=self.param_dtype, use_bias=self.use_bias,
+              kernel_init=normal(self.init_std))(x_BxTxD)
     h = activation(self.activation)(h)
     out_std = self.init_std if self.out_init_std is None else self.out_init_std
     return dense(d, ('mlp', 'embed'), name='fc_out', dtype=self.dtype,
-                 param_dtype=self.param_dtype, kernel_init=normal(out_std))(h)
+                 param_dtype=self.param_dtype, use_bias=self.use_bias,
+                 kernel_init=normal(out_std))(h)
 
 
 class TransformerBlock(nn.Module):
@@ -231,19 +235,22 @@ class TransformerBlock(nn.Module):
   init_std: float = 0.02
   out_init_std: float | None = None
   attention_impl: str | None = None
+  use_bias: bool = True  # False: no biases in the Dense layers or the LayerNorms (nanoGPT)
 
   @nn.compact
   def __call__(self, x_BxTxD, mask=None, *, causal: bool = False, deterministic: bool = True,
                decode: bool = False):
     ln = functools.partial(layer_norm, self.layer_norm_eps, dtype=self.dtype,
-                           param_dtype=self.param_dtype)
+                           param_dtype=self.param_dtype, use_bias=self.use_bias)
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
     attention = MultiHeadAttention(
         self.num_heads, self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
         attention_dropout=self.attention_dropout, init_std=self.init_std,
-        out_init_std=self.out_init_std, attention_impl=self.attention_impl, name='attention')
+        out_init_std=self.out_init_std, attention_impl=self.attention_impl,
+        use_bias=self.use_bias, name='attention')
     mlp = Mlp(self.mlp_dim, self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
-              init_std=self.init_std, out_init_std=self.out_init_std, name='mlp')
+              init_std=self.init_std, out_init_std=self.out_init_std, use_bias=self.use_bias,
+              name='mlp')
     attend = lambda y: attention(y, mask, causal=causal, deterministic=deterministic,
                                  decode=decode)
     if self.norm_first:
