@@ -14,7 +14,6 @@ import os
 import time
 
 from absl import app
-from absl import flags
 from ml_collections import config_flags
 import jax
 import numpy as np

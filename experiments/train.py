@@ -48,11 +48,8 @@ def _model_and_variables(config, family: str, info, mesh, example_inputs: dict, 
     module, variables = ptm_jax.from_pretrained(
         config.init.from_pretrained, registry.dtype_of(config.model),
         head=registry.head_for(family, task), config_overrides=overrides, rng=rng, mesh=mesh)
-    stack = registry.layer_stack_of(config.model)
+    stack = registry.layer_stack_of(config.model, family)
     if stack != layers.LayerStack():
-      if family == 'resnet':
-        raise ValueError('config.model.remat and scan_layers apply to transformer stacks; '
-                         'ResNet has none: leave them at their defaults.')
       module = module.clone(layer_stack=stack)
     abstract = partitioning.abstract_variables(module, example_inputs)
     shardings = partitioning.variable_shardings(abstract, mesh)
@@ -151,10 +148,9 @@ def make_steps(module, family: str, config, tx):
 
     micro_batches = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    metric_shapes = jax.eval_shape(
-        lambda: grad_fn(params, extra, first, True, rng)[0][1][0])
-    metric_zeros = {k: jnp.zeros(m.shape, jnp.float32)
-                    for k, m in dict(metric_shapes, loss=jax.ShapeDtypeStruct((), jnp.float32)).items()}
+    metric_shapes = jax.eval_shape(lambda: grad_fn(params, extra, first, True, rng)[0][1][0])
+    metric_zeros = {k: jnp.zeros(m.shape, jnp.float32) for k, m in metric_shapes.items()}
+    metric_zeros['loss'] = jnp.float32(0.0)
     (grads_sum, weight_sum, metrics_sum, extra), _ = jax.lax.scan(
         body, (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), metric_zeros, extra),
         (jnp.arange(accum_steps), micro_batches))
@@ -289,17 +285,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   if tokenizer is not None and hasattr(tokenizer, 'save') and is_writer:
     tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
 
-  accum = config.optimizer.grad_accum_steps
+  accum = optimizers.merged_config(config.optimizer).grad_accum_steps  # checked >= 1 there
   data_parallel = pipeline.data_parallel_size(mesh)
-  if accum < 1 or config.batch_size % (accum * data_parallel):
+  if config.batch_size % (accum * data_parallel):
     raise ValueError(f'batch_size {config.batch_size} does not split into '
                      f'optimizer.grad_accum_steps={accum} micro-batches that the data-parallel '
                      f'size {data_parallel} divides: make batch_size a multiple of '
-                     f'{max(accum, 1) * data_parallel}.')
+                     f'{accum * data_parallel}.')
   first_batch = next(train_loader)  # shapes for init and compilation; then back to the start
   train_loader.reset()
   rng = jax.random.key(config.seed)
-  init_rng, model_rng, step_rng = jax.random.split(rng, 3)
+  init_rng, _, step_rng = jax.random.split(rng, 3)  # the middle key is unused (kept: same runs)
   example_inputs = registry.model_inputs(family, first_batch)
   module, variables, var_shardings = _model_and_variables(
       config, family, info, mesh, example_inputs, init_rng)

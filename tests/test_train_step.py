@@ -12,7 +12,7 @@ import pytest
 
 from experiments import train
 from ptm_jax.models import gpt2
-from ptm_jax.train import hardware
+from ptm_jax.train import hardware, objectives
 from ptm_jax.train.config import base_config, finalize
 
 TINY_GPT2 = gpt2.GPT2Config(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
@@ -63,18 +63,10 @@ def test_equal_weighting_would_differ_so_the_test_above_can_fail():
   batch = _lm_batch()
   module = gpt2.GPT2(TINY_GPT2, head='lm')
   params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))
-  losses = []
-  for i in range(4):
-    rows = slice(i, None, 4)
-    logits = module.apply(params, batch['input_ids'][rows]).logits
-    labels = batch['labels'][rows]
-    mask = labels != -100
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(mask, labels, 0))
-    losses.append(float(jnp.sum(ce * mask) / mask.sum()))
-  logits = module.apply(params, batch['input_ids']).logits
-  mask = batch['labels'] != -100
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(mask, batch['labels'], 0))
-  assert abs(np.mean(losses) - float(jnp.sum(ce * mask) / mask.sum())) > 1e-3
+  loss_of = lambda rows: float(objectives.causal_lm_loss(
+      module.apply(params, batch['input_ids'][rows]).logits, batch['labels'][rows])[0])
+  losses = [loss_of(slice(i, None, 4)) for i in range(4)]
+  assert abs(np.mean(losses) - loss_of(slice(None))) > 1e-3
 
 
 def _digits_config(**overrides):
@@ -87,12 +79,7 @@ def _digits_config(**overrides):
   config.model.update(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
                       patch_size=4)
   config.optimizer.update(name='adamw', learning_rate=1e-3, warmup_steps=0)
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -134,3 +121,12 @@ def test_mfu_formula_and_xla_flop_count():
   assert hardware.mfu(989e12, 2.0, 4, h100) == pytest.approx(1 / 8)
   assert hardware.peak_flops(jax.devices('cpu')[0]) is None
   assert hardware.mfu(1e9, 1.0, 1, jax.devices('cpu')[0]) is None
+
+
+def test_remat_and_scan_are_refused_for_resnet():
+  from ptm_jax.models import registry
+  model = base_config().model
+  model.remat = 'full'
+  with pytest.raises(ValueError, match='ResNet has none'):
+    registry.layer_stack_of(model, 'resnet')
+  assert registry.layer_stack_of(model, 'vit').remat == 'full'

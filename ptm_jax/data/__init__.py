@@ -11,3 +11,6 @@
 from ptm_jax.data.pipeline import (DatasetInfo, Loader, TASKS, default_config, make_loader,
                                    make_tokenizer, open_split)
 from ptm_jax.data.sources import ArraySource, DataError
+
+__all__ = ['ArraySource', 'DataError', 'DatasetInfo', 'Loader', 'TASKS', 'default_config',
+           'make_loader', 'make_tokenizer', 'open_split']

@@ -116,7 +116,8 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
                     f'format; re-prepare with\n  {command}') from e
 
 
-def tfds_num_classes(name: str, label_key: str = 'label', data_dir: str | None = None) -> int | None:
+def tfds_num_classes(name: str, label_key: str = 'label',
+                     data_dir: str | None = None) -> int | None:
   """The number of classes of a TFDS dataset's ClassLabel feature, or None."""
   import tensorflow_datasets as tfds
   try:

@@ -6,7 +6,6 @@ only then are tensors read one at a time, converted, and placed (optionally stra
 sharding). A failure at any point returns nothing half-loaded.
 """
 
-import dataclasses
 import importlib
 import json
 import logging

@@ -116,10 +116,14 @@ def dtype_of(model: ml_collections.ConfigDict):
   return DTYPES[name]
 
 
-def layer_stack_of(model: ml_collections.ConfigDict) -> layers.LayerStack:
+def layer_stack_of(model: ml_collections.ConfigDict, family: str) -> layers.LayerStack:
   """config.model.remat / scan_layers as the transformer families' LayerStack."""
-  return layers.LayerStack(remat=model.get('remat', 'none'),
-                           scan=bool(model.get('scan_layers', False)))
+  stack = layers.LayerStack(remat=model.get('remat', 'none'),
+                            scan=bool(model.get('scan_layers', False)))
+  if family == 'resnet' and stack != layers.LayerStack():
+    raise ValueError('config.model.remat and scan_layers apply to transformer stacks; ResNet has '
+                     'none: leave them at their defaults.')
+  return stack
 
 
 def build_model(model: ml_collections.ConfigDict, task: str, info, data) -> tuple[nn.Module, str]:
@@ -127,12 +131,9 @@ def build_model(model: ml_collections.ConfigDict, task: str, info, data) -> tupl
   family, cfg = model_config(model, task, info, data)
   cls, _ = FAMILIES[family]
   kwargs = {'dtype': dtype_of(model)}
-  stack = layer_stack_of(model)
+  stack = layer_stack_of(model, family)
   if family != 'resnet':
     kwargs['layer_stack'] = stack
-  elif stack != layers.LayerStack():
-    raise ValueError('config.model.remat and scan_layers apply to transformer stacks; ResNet has '
-                     'none: leave them at their defaults.')
   head = head_for(family, task)
   if family != 'clip':
     kwargs['head'] = head

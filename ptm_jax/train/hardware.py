@@ -34,10 +34,7 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 
 def flops_of(lowered: jax.stages.Lowered) -> float | None:
   """FLOPs of a lowered (not yet compiled, so unpartitioned: global) computation."""
-  analysis = lowered.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get('flops')
+  flops = (lowered.cost_analysis() or {}).get('flops')
   return float(flops) if flops and flops > 0 else None
 
 

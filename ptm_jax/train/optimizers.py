@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules built from `config.optimizer` (an ml_collections dict).
 
 The trainer names an optimizer and a schedule in its config and gets back one optax
-GradientTransformation (clipping and weight decay included) and the schedule it uses, so that the logged learning rate is the applied one.
+GradientTransformation (clipping and weight decay included) and the schedule it uses, so that
+the logged learning rate is the applied one.
 
 Steps. Every step count here (total_steps, warmup_steps, decay_steps) counts optimizer updates,
 i.e. parameter changes, as nanoGPT's iterations do. Update number t (0-based: the first update is
