@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from experiments import train
-from ptm_jax.models import gpt2
+from ptm_jax.models import gpt2, registry
 from ptm_jax.train import hardware, objectives
 from ptm_jax.train.config import base_config, finalize
 
@@ -124,7 +124,6 @@ def test_mfu_formula_and_xla_flop_count():
 
 
 def test_remat_and_scan_are_refused_for_resnet():
-  from ptm_jax.models import registry
   model = base_config().model
   model.remat = 'full'
   with pytest.raises(ValueError, match='ResNet has none'):
