@@ -30,6 +30,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ptm_jax
 from ptm_jax import partitioning
+from ptm_jax.adapt import config as adapt_config_lib
+from ptm_jax.adapt import methods as adapt_methods
+from ptm_jax.adapt import rules as adapt_rules
 from ptm_jax.data import pipeline
 from ptm_jax.models import layers, registry
 from ptm_jax.train import checkpointing, distributed, hardware, objectives, optimizers
@@ -68,6 +71,49 @@ def _model_and_variables(config, family: str, info, mesh, example_inputs: dict, 
   return module, jax.jit(init_fn, out_shardings=shardings)(rng), shardings
 
 
+def _adapted(module, variables, shardings, adapt, example_inputs, rng, mesh):
+  """(variables, shardings) with the adaptation's parameters added (LoRA, ...), base kept."""
+  if not adapt_methods.adds_parameters(adapt):
+    return variables, shardings
+  with adapt_methods.applied(adapt):
+    abstract = partitioning.abstract_variables(module, example_inputs)
+    adapted_shardings = partitioning.variable_shardings(abstract, mesh)
+    fresh = jax.jit(lambda r: nn.unbox(module.init(r, **example_inputs)),
+                    out_shardings=adapted_shardings)(rng)
+  # The base weights (loaded or initialised as the plain model) replace the fresh ones; only the
+  # added leaves keep their initialisation.
+  params = adapt_rules.unflatten({**adapt_rules.flatten(fresh['params']),
+                                  **adapt_rules.flatten(variables['params'])})
+  params = jax.jit(lambda p: adapt_methods.prepare(p, adapt))(params)
+  known = adapt_rules.flatten(adapted_shardings['params'])
+  replicated = NamedSharding(mesh, P())
+  param_shardings = adapt_rules.unflatten(
+      {k: known.get(k, replicated) for k in adapt_rules.flatten(params)})  # QLoRA's NF4 leaves
+  params = jax.device_put(params, param_shardings)
+  return dict(variables, params=params), dict(shardings, params=param_shardings)
+
+
+def _adapted_optimizer(tx, rates: dict, trainable, adapt, total_steps: int):
+  """tx with the per-leaf multipliers and, for gradual unfreezing, the start steps."""
+  trainable_flat = adapt_rules.flatten(trainable)
+  rate_tree = adapt_rules.unflatten({p: rates[p] for p in trainable_flat})
+  start_steps = None
+  if adapt.method == 'gradual_unfreeze':
+    if any(p.startswith('layers/') or '/layers/' in p for p in trainable_flat):
+      raise ValueError('gradual_unfreeze needs the blocks as layer_0 ... layer_N; set '
+                       'config.model.scan_layers=False.')
+    depths = adapt_rules.layer_depths(trainable_flat)
+    groups = max(depths.values()) + 1
+    every = adapt.gradual.unfreeze_every or max(1, total_steps // (groups + 1))
+    start_steps = adapt_rules.unfreeze_steps(trainable, depths, every)
+    rate_tree = adapt_rules.unflatten(
+        {p: rates[p] * adapt.gradual.factor ** -depths[p] for p in trainable_flat})
+  if start_steps is None and all(r == 1.0 for r in jax.tree.leaves(rate_tree)):
+    return tx
+  before, after = adapt_rules.rate_transform(rate_tree, start_steps)
+  return optax.chain(before, tx, after)
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -86,9 +132,17 @@ def param_bytes_per_device(tree) -> int:
 
 
 def make_steps(module, family: str, config, tx):
-  """(train_step, eval_step) as plain functions of (state, batch); jitted by the caller."""
+  """(train_step, eval_step) as plain functions of (state, frozen, batch); jitted by the caller.
+
+  state['params'] holds the trainable parameters only; `frozen` the rest (config.adapt), which
+  get no gradient and no optimizer state.
+  """
   objective_name = registry.TASK_OBJECTIVES[config.data.task]
   objective = objectives.OBJECTIVES[objective_name]
+  adapt = adapt_config_lib.merged_config(config.adapt)
+  # Feature extraction keeps a frozen ResNet's BatchNorm statistics as the checkpoint's.
+  batch_stats_train = not (adapt.freeze_batch_stats
+                           and adapt.method not in ('full', 'gradual_unfreeze'))
   options = {}
   if objective_name == 'classification':
     options['label_smoothing'] = float(config.loss.label_smoothing)
@@ -96,16 +150,19 @@ def make_steps(module, family: str, config, tx):
   def forward(params, extra, batch, train: bool, rng):
     variables = {'params': params, **extra}
     inputs = registry.model_inputs(family, batch)
-    if family == 'resnet':
-      if train:
-        out, updates = module.apply(variables, **inputs, train=True, mutable=['batch_stats'])
-        return out, updates
-      return module.apply(variables, **inputs), extra
-    out = module.apply(variables, **inputs, deterministic=not train,
-                       rngs={'dropout': rng} if train else None)
+    with adapt_methods.applied(adapt, deterministic=not train):
+      if family == 'resnet':
+        if train and batch_stats_train:
+          out, updates = module.apply(variables, **inputs, train=True, mutable=['batch_stats'],
+                                      rngs={'dropout': rng})
+          return out, updates
+        return module.apply(variables, **inputs), extra
+      out = module.apply(variables, **inputs, deterministic=not train,
+                         rngs={'dropout': rng} if train else None)
     return out, extra
 
-  def loss_fn(params, extra, batch, train, rng):
+  def loss_fn(trainable, frozen, extra, batch, train, rng):
+    params = adapt_rules.combine(trainable, frozen)
     out, new_extra = forward(params, extra, batch, train, rng)
     kwargs = dict(options)
     if objective_name == 'contrastive':
@@ -124,10 +181,10 @@ def make_steps(module, family: str, config, tx):
   weight_key = objectives.MERGE_WEIGHTS[objective_name]
   weight_key = weight_key if isinstance(weight_key, str) else None
 
-  def accumulated_grads(params, extra, batch, rng):
+  def accumulated_grads(params, frozen, extra, batch, rng):
     """loss, metrics, extra and gradients of the batch, in accum_steps micro-batches."""
     if accum_steps == 1:
-      (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, True, rng)
+      (loss, (metrics, extra)), grads = grad_fn(params, frozen, extra, batch, True, rng)
       return loss, metrics, extra, grads
 
     def split(x):  # (B, ...) -> (k, B/k, ...); micro-batch i takes rows i, i+k, ... so each
@@ -137,7 +194,7 @@ def make_steps(module, family: str, config, tx):
     def body(carry, i_and_micro):
       i, micro = i_and_micro
       grads_sum, weight_sum, metrics_sum, extra = carry
-      (loss, (metrics, extra)), grads = grad_fn(params, extra, micro, True,
+      (loss, (metrics, extra)), grads = grad_fn(params, frozen, extra, micro, True,
                                                 jax.random.fold_in(rng, i))
       w = metrics[weight_key].astype(jnp.float32) if weight_key else jnp.float32(1.0)
       grads_sum = jax.tree.map(lambda a, g: a + w * g, grads_sum, grads)
@@ -148,7 +205,8 @@ def make_steps(module, family: str, config, tx):
 
     micro_batches = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    metric_shapes = jax.eval_shape(lambda: grad_fn(params, extra, first, True, rng)[0][1][0])
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(params, frozen, extra, first, True, rng)[0][1][0])
     metric_zeros = {k: jnp.zeros(m.shape, jnp.float32) for k, m in metric_shapes.items()}
     metric_zeros['loss'] = jnp.float32(0.0)
     (grads_sum, weight_sum, metrics_sum, extra), _ = jax.lax.scan(
@@ -159,9 +217,10 @@ def make_steps(module, family: str, config, tx):
     loss = metrics.pop('loss')
     return loss, metrics, extra, grads
 
-  def train_step(state, batch):
+  def train_step(state, frozen, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
-    loss, metrics, extra, grads = accumulated_grads(state['params'], state['extra'], batch, rng)
+    loss, metrics, extra, grads = accumulated_grads(state['params'], frozen, state['extra'],
+                                                    batch, rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -169,8 +228,8 @@ def make_steps(module, family: str, config, tx):
                      extra=extra)
     return new_state, metrics
 
-  def eval_step(state, batch):
-    _, (metrics, _) = loss_fn(state['params'], state['extra'], batch, False, None)
+  def eval_step(state, frozen, batch):
+    _, (metrics, _) = loss_fn(state['params'], frozen, state['extra'], batch, False, None)
     return metrics
 
   return train_step, eval_step, objective_name
@@ -299,21 +358,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   example_inputs = registry.model_inputs(family, first_batch)
   module, variables, var_shardings = _model_and_variables(
       config, family, info, mesh, example_inputs, init_rng)
+  adapt = adapt_config_lib.merged_config(config.adapt)
+  variables, var_shardings = _adapted(module, variables, var_shardings, adapt, example_inputs,
+                                      jax.random.fold_in(init_rng, 1), mesh)
+  # Which parameters train (config.adapt): the step differentiates and optimises only those.
+  rates = adapt_rules.treatments(variables['params'], adapt, family)
+  params, frozen = adapt_rules.split(variables['params'], rates)
+  param_shardings, frozen_shardings = adapt_rules.split(var_shardings['params'], rates)
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
+  tx = _adapted_optimizer(tx, rates, params, adapt, config.total_steps)
 
-  params = variables['params']
   extra = {k: v for k, v in variables.items() if k != 'params'}
   replicated = NamedSharding(mesh, P())
   # Optimizer state shaped like a parameter takes its sharding; factored or scalar state
   # (adafactor's row/column statistics, counts) is replicated.
   opt_shardings = optax.tree_map_params(
       tx, lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
-      jax.eval_shape(tx.init, params), params, var_shardings['params'],
+      jax.eval_shape(tx.init, params), params, param_shardings,
       transform_non_params=lambda _: replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state,
            'extra': extra, 'rng': jax.random.key_data(step_rng)}
-  state_shardings = {'step': replicated, 'params': var_shardings['params'],
+  state_shardings = {'step': replicated, 'params': param_shardings,
                      'opt_state': opt_shardings,
                      'extra': {k: v for k, v in var_shardings.items() if k != 'params'},
                      'rng': replicated}
@@ -321,45 +387,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
 
   train_fn, eval_fn, objective_name = make_steps(module, family, config, tx)
 
-  def train_step(state, batch):
+  def train_step(state, frozen, batch):
     state = dict(state, rng=jax.random.wrap_key_data(state['rng']))
-    new_state, metrics = train_fn(state, batch)
+    new_state, metrics = train_fn(state, frozen, batch)
     metrics['learning_rate'] = schedule(state['step'])
     return dict(new_state, rng=jax.random.key_data(new_state['rng'])), metrics
 
-  def eval_step(state, batch):
-    return eval_fn(dict(state, rng=None), batch)
+  def eval_step(state, frozen, batch):
+    return eval_fn(dict(state, rng=None), frozen, batch)
 
   batch_sharding = pipeline.batch_sharding(mesh)
-  jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+  # The frozen parameters are an argument (not donated, not in the checkpoint: they come back
+  # from the checkpoint or the seed they were built from), never a compiled-in constant.
+  jit_train = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                      out_shardings=replicated)
+  train_step_fn = lambda state, batch: jit_train(state, frozen, batch)
+  eval_step_fn = lambda state, batch: jit_eval(state, frozen, batch)
 
-  total_params = count_params(params)
+  trainable_report = adapt_rules.report(rates, variables['params'])
+  total_params = trainable_report['total_params']
   t0 = time.time()
-  compiled = jit_train.lower(state, first_batch).compile()
+  compiled = jit_train.lower(state, frozen, first_batch).compile()
   compile_s = time.time() - t0
   # MFU's numerator (ptm_jax.train.hardware): 3 x the forward FLOPs of one global batch.
-  forward_flops = hardware.flops_of(jit_eval.lower(state, first_batch))
+  forward_flops = hardware.flops_of(jit_eval.lower(state, frozen, first_batch))
   model_flops = 3 * forward_flops if forward_flops else None
   memory = compiled.memory_analysis()
   step_bytes = None
   if memory is not None:
     step_bytes = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
                      + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-  summary = {'total_params': total_params, 'trainable_params': total_params,
+  summary = {**trainable_report, 'adapt_method': adapt.method,
              'train_step_memory_bytes': step_bytes, 'compile_seconds': compile_s,
              'model_flops_per_step': model_flops,
              'compute_dtype': config.model.dtype,
-             'param_dtypes': sorted({str(x.dtype) for x in jax.tree.leaves(params)}),
-             'param_bytes_per_device': param_bytes_per_device(params),
+             'param_dtypes': sorted({str(x.dtype) for x in
+                                     jax.tree.leaves(variables['params'])}),
+             'param_bytes_per_device': param_bytes_per_device(variables['params']),
              'mesh': dict(mesh.shape), 'devices': mesh.size,
              'device_kind': jax.devices()[0].device_kind, 'batch_size': config.batch_size,
              'model': config.init.from_pretrained or config.model.name, 'task': task}
   if is_writer:
-    print(f'Model {summary["model"]} ({family}): {total_params:,} parameters, all trainable. '
-          f'Train step compiled in {compile_s:.1f} s; step memory {step_bytes} bytes.', flush=True)
+    trainable = trainable_report['trainable_params']
+    print(f'Model {summary["model"]} ({family}), adapt.method={adapt.method}: {total_params:,} '
+          f'parameters, {trainable:,} trainable '
+          f'({trainable_report["trainable_percent"]:.2f}%). Train step compiled in {compile_s:.1f} s; step memory {step_bytes} bytes.', flush=True)
   if dry_run:
     summary['dry_run'] = True
     _write_summary(workdir, summary, is_writer)
@@ -388,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = next(train_loader)
-      state, metrics = jit_train(state, batch)
+      state, metrics = train_step_fn(state, batch)
       done = step == config.total_steps
       if step % config.log_every == 0 or done:
         train_metrics = _scalars(metrics)
@@ -411,7 +485,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         writer.write(record)
         timer_step, timer_t = step, time.time()
       if (config.eval_every and step % config.eval_every == 0) or done:
-        last_eval = evaluate(jit_eval, state, eval_loader, objective_name, config.eval_steps)
+        last_eval = evaluate(eval_step_fn, state, eval_loader, objective_name,
+                             config.eval_steps)
         writer.write({'step': step, 'split': 'eval', **last_eval})
         timer_t = time.time()
       # SIGTERM (one process) or JAX's preemption service (all processes agree on the step).

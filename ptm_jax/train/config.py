@@ -8,6 +8,7 @@ from typing import Any
 
 import ml_collections
 
+from ptm_jax.adapt import config as adapt_config
 from ptm_jax.data import pipeline
 from ptm_jax.train import optimizers
 
@@ -40,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = pipeline.default_config()
   c.optimizer = optimizers.default_config()
   c.loss = ml_collections.ConfigDict({'label_smoothing': 0.0})
+  c.adapt = adapt_config.default_config()   # which parameters train, and how (ptm_jax.adapt)
   return c
 
 
