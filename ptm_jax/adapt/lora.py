@@ -90,6 +90,11 @@ class LowRank:
 _torch_linear_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
+def module_path(module: nn.Module) -> str:
+  """'/'-joined path of a bound module ('bert/layer_0/attention/query'); a root module's name."""
+  return '/'.join(module.path) or (module.name or '')
+
+
 def _dropout(module: nn.Module, x, rate: float, deterministic: bool):
   if deterministic or rate == 0.0:
     return x
@@ -145,7 +150,7 @@ def _dense(spec: LowRank, module: nn.Dense, x, deterministic: bool, next_fun):
 def _conv(spec: LowRank, module: nn.Conv, x, deterministic: bool, next_fun):
   if spec.method != 'lora':
     raise ValueError(f'{spec.method} adapts Dense layers only; '
-                     f'{"/".join(module.path)} is a convolution: narrow lora.targets.')
+                     f'{module_path(module)} is a convolution: narrow lora.targets.')
   y = next_fun(x)
   kernel_size = tuple(module.kernel_size)
   in_features = x.shape[-1]
@@ -167,12 +172,14 @@ def _conv(spec: LowRank, module: nn.Conv, x, deterministic: bool, next_fun):
 def _embed(spec: LowRank, module: nn.Embed, ids, next_fun):
   if spec.method != 'lora':
     raise ValueError(f'{spec.method} adapts Dense layers only; '
-                     f'{"/".join(module.path)} is an embedding: narrow lora.targets.')
+                     f'{module_path(module)} is an embedding: narrow lora.targets.')
   y = next_fun(ids)
-  a = module.param('lora_a', nn.initializers.zeros, (module.num_embeddings, spec.rank),
-                   module.param_dtype)
-  b = module.param('lora_b', nn.initializers.normal(1.0), (spec.rank, module.features),
-                   module.param_dtype)
+  # nn.Embed declares its table in setup(), so Module.param refuses new parameters outside it;
+  # its scope creates them all the same, in the same place.
+  a = module.scope.param('lora_a', nn.initializers.zeros, (module.num_embeddings, spec.rank),
+                         module.param_dtype)
+  b = module.scope.param('lora_b', nn.initializers.normal(1.0), (spec.rank, module.features),
+                         module.param_dtype)
   return y + (jnp.take(a, ids, axis=0) @ b).astype(y.dtype) * spec.scale
 
 
@@ -183,7 +190,7 @@ def interceptor(spec: LowRank, *, deterministic: bool = True):
     module = context.module
     if (context.method_name != '__call__'
         or not isinstance(module, (nn.Dense, nn.Conv, nn.Embed))
-        or not spec.matches('/'.join(module.path))):
+        or not spec.matches(module_path(module))):
       return next_fun(*args, **kwargs)
     if kwargs:
       raise ValueError(f'Unexpected keyword arguments {sorted(kwargs)} to {module.path}.')

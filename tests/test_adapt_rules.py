@@ -1,0 +1,176 @@
+"""What trains (ptm_jax.adapt.rules): treatments, layer groups, multipliers, gradual unfreezing,
+and the trainer keeping frozen parameters bit-identical."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import train
+from ptm_jax.adapt import rules
+from ptm_jax.train import checkpointing
+
+_DIGITS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits.py')
+
+
+def _vit_params():
+  """A parameter tree shaped like a 3-layer ViT classifier's (values are irrelevant)."""
+  leaf = lambda *shape: jnp.ones(shape)
+  layer = {'attention': {n: {'kernel': leaf(4, 4), 'bias': leaf(4)}
+                         for n in ('query', 'key', 'value', 'out')},
+           'ln_attention': {'scale': leaf(4), 'bias': leaf(4)},
+           'mlp': {'fc_in': {'kernel': leaf(4, 8), 'bias': leaf(8)}}}
+  return {'vit': {'cls_token': leaf(1, 1, 4), 'position_embeddings': leaf(1, 5, 4),
+                  'patch_embedding': {'projection': {'kernel': leaf(2, 2, 1, 4)}},
+                  **{f'layer_{i}': layer for i in range(3)},
+                  'final_ln': {'scale': leaf(4), 'bias': leaf(4)}},
+          'classifier': {'kernel': leaf(4, 3), 'bias': leaf(3)}}
+
+
+def test_layer_depths_count_from_the_top():
+  depths = rules.layer_depths(rules.flatten(_vit_params()))
+  assert depths['classifier/kernel'] == 0 and depths['vit/final_ln/scale'] == 0
+  assert depths['vit/layer_2/attention/query/kernel'] == 1
+  assert depths['vit/layer_0/mlp/fc_in/bias'] == 3
+  assert depths['vit/cls_token'] == depths['vit/patch_embedding/projection/kernel'] == 4
+  resnet = rules.layer_depths(['resnet/stage_3_block_1/conv_0/conv/kernel',
+                               'resnet/stage_0_block_0/conv_0/conv/kernel',
+                               'resnet/stem/conv/kernel', 'classifier/kernel'])
+  assert list(resnet.values()) == [1, 4, 5, 0]
+
+
+def test_method_defaults_rules_and_multipliers():
+  params = _vit_params()
+  frozen = rules.treatments(params, {'method': 'frozen'}, 'vit')
+  assert {p for p, r in frozen.items() if r} == {'classifier/kernel', 'classifier/bias'}
+  # First matching rule wins; a float is a learning-rate multiplier.
+  custom = rules.treatments(params, {'method': 'frozen', 'rules': (
+      (r'layer_2/attention/(query|value)/kernel$', 0.5), (r'layer_2/', 'train'),
+      (r'^classifier/bias$', 'freeze'))}, 'vit')
+  assert custom['vit/layer_2/attention/query/kernel'] == 0.5
+  assert custom['vit/layer_2/attention/key/kernel'] == 1.0
+  assert custom['vit/layer_1/attention/key/kernel'] == 0.0
+  assert custom['classifier/bias'] == 0.0 and custom['classifier/kernel'] == 1.0
+  # Layer-wise learning-rate decay for full fine-tuning: decay ** depth.
+  decayed = rules.treatments(params, {'method': 'full', 'layer_lr_decay': 0.5}, 'vit')
+  assert decayed['classifier/kernel'] == 1.0
+  assert decayed['vit/layer_0/attention/query/kernel'] == 0.5 ** 3
+  assert decayed['vit/cls_token'] == 0.5 ** 4
+
+
+def test_bad_treatments_fail_clearly():
+  params = _vit_params()
+  with pytest.raises(ValueError, match='trains no parameter'):
+    rules.treatments(params, {'method': 'frozen', 'head': r'^nothing$'}, 'vit')
+  with pytest.raises(ValueError, match='not one of'):
+    rules.treatments(params, {'method': 'lorax'}, 'vit')
+  with pytest.raises(ValueError, match='Unknown config key adapt.lora.rnk'):
+    rules.treatments(params, {'method': 'lora', 'lora': {'rnk': 4}}, 'vit')
+  quantised = dict(params, codes=jnp.zeros((8,), jnp.uint8))
+  with pytest.raises(ValueError, match='quantised frozen weight'):
+    rules.treatments(quantised, {'method': 'full'}, 'vit')
+
+
+def test_split_and_combine_round_trip():
+  params = _vit_params()
+  rates = rules.treatments(params, {'method': 'frozen'}, 'vit')
+  trainable, frozen = rules.split(params, rates)
+  assert list(trainable) == ['classifier']
+  back = rules.combine(trainable, frozen)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+
+
+def test_rate_transform_scales_updates_and_holds_leaves_until_they_start():
+  """SGD (update = -lr g): multipliers scale it; before its start step a leaf gets 0 and its
+  optimizer sees a zero gradient."""
+  params = {'a': jnp.ones(3), 'b': jnp.ones(3)}
+  grads = {'a': jnp.full(3, 2.0), 'b': jnp.full(3, 2.0)}
+  before, after = rules.rate_transform({'a': 1.0, 'b': 0.25}, {'a': 0, 'b': 2})
+  tx = optax.chain(before, optax.sgd(0.1, momentum=0.9), after)
+  state = tx.init(params)
+  trace = []
+  for _ in range(4):
+    updates, state = tx.update(grads, state, params)
+    trace.append({k: float(v[0]) for k, v in updates.items()})
+  # a: momentum SGD from step 0; b: nothing at steps 0 and 1, then a fresh momentum trace.
+  np.testing.assert_allclose([t['a'] for t in trace], [-0.2, -0.38, -0.542, -0.6878], rtol=1e-6)
+  np.testing.assert_allclose([t['b'] for t in trace], [0.0, 0.0, -0.05, -0.095], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the trainer: digits ViT, a few steps, a checkpoint after every step.
+
+STEPS = 6
+
+
+def _run(tmp_path, name, **adapt):
+  spec = importlib.util.spec_from_file_location('digits', _DIGITS)
+  digits = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(digits)
+  config = digits.get_config('runlocal')
+  config.total_steps = STEPS
+  config.log_every = 1
+  config.checkpoint_every = 1
+  config.keep_checkpoints = STEPS
+  config.eval_steps = 1
+  config.batch_size = 16
+  config.model.num_layers = 2
+  config.model.hidden_size = 32
+  config.model.intermediate_size = 64
+  config.optimizer.warmup_steps = 0
+  config.optimizer.schedule = 'constant'
+  config.optimizer.weight_decay = 0.1   # decay too must leave frozen parameters alone
+  for key, value in adapt.items():
+    config.adapt[key] = value
+  workdir = str(tmp_path / name)
+  summary = train.train_and_evaluate(config, workdir)
+  return summary, os.path.join(workdir, 'checkpoints')
+
+
+def _read(checkpoint_dir, step):
+  step_dir = os.path.join(checkpoint_dir, str(step), checkpointing.STATE_ITEM)
+  with ocp.StandardCheckpointer() as reader:
+    state = reader.restore(step_dir)
+  return {k: np.asarray(v) for k, v in rules.flatten(state['params']).items()}
+
+
+def test_frozen_method_checkpoints_and_trains_only_the_head(tmp_path):
+  summary, ckpt = _run(tmp_path, 'frozen', method='frozen')
+  first, last = _read(ckpt, 1), _read(ckpt, STEPS)
+  assert set(last) == {'classifier/kernel', 'classifier/bias'}   # no backbone in checkpoints
+  assert all(not np.array_equal(first[p], last[p]) for p in last)
+  assert summary['trainable_params'] == sum(v.size for v in last.values())
+  assert 0 < summary['trainable_percent'] < 5 and summary['adapt_method'] == 'frozen'
+
+
+def test_gradual_unfreezing_follows_its_schedule_step_by_step(tmp_path):
+  """Group at depth d starts training at step d * unfreeze_every: its parameters stay
+  bit-identical in every checkpoint up to that step and change right after."""
+  every = 1
+  _, ckpt = _run(tmp_path, 'gradual', method='gradual_unfreeze',
+                 gradual={'unfreeze_every': every, 'factor': 2.6})
+  by_step = {s: _read(ckpt, s) for s in range(1, STEPS + 1)}
+  depths = rules.layer_depths(by_step[1])
+  assert max(depths.values()) == 3   # head, layer_1, layer_0, embeddings
+  for path, depth in depths.items():
+    start = depth * every   # the first update (0-based) that changes this group
+    for step in range(2, STEPS + 1):  # checkpoint `step` holds the params after updates < step
+      same = np.array_equal(by_step[step][path], by_step[step - 1][path])
+      if step - 1 < start:
+        assert same, f'{path} (depth {depth}) changed by update {step - 1} before {start}'
+      elif step - 1 == start and by_step[step][path].ndim > 1:
+        assert not same, f'{path} (depth {depth}) did not start at update {start}'
+
+
+def test_lora_run_trains_only_the_branches_and_the_head(tmp_path):
+  summary, ckpt = _run(tmp_path, 'lora', method='lora', lora={'rank': 2})
+  last = _read(ckpt, STEPS)
+  assert all(p.endswith(('lora_a', 'lora_b')) or p.startswith('classifier/') for p in last)
+  assert any(p.endswith('lora_b') and np.abs(v).max() > 0 for p, v in last.items())
+  assert summary['trainable_params'] == sum(v.size for v in last.values())
+  assert summary['trainable_params'] < 0.2 * summary['total_params']
