@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable, NamedTuple
 from absl import app, flags, logging
 import flax.linen as nn
 import jax
@@ -31,7 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ptm_jax
 from ptm_jax import partitioning
 from ptm_jax.adapt import config as adapt_config_lib
+from ptm_jax.adapt import ewc
 from ptm_jax.adapt import methods as adapt_methods
+from ptm_jax.adapt import peft_export
 from ptm_jax.adapt import rules as adapt_rules
 from ptm_jax.data import pipeline
 from ptm_jax.models import layers, registry
@@ -84,7 +87,7 @@ def _adapted(module, variables, shardings, adapt, example_inputs, rng, mesh):
   # added leaves keep their initialisation.
   params = adapt_rules.unflatten({**adapt_rules.flatten(fresh['params']),
                                   **adapt_rules.flatten(variables['params'])})
-  params = jax.jit(lambda p: adapt_methods.prepare(p, adapt))(params)
+  params = jax.jit(lambda p: adapt_methods.prepare(p, adapt, jax.random.fold_in(rng, 1)))(params)
   known = adapt_rules.flatten(adapted_shardings['params'])
   replicated = NamedSharding(mesh, P())
   param_shardings = adapt_rules.unflatten(
@@ -114,6 +117,60 @@ def _adapted_optimizer(tx, rates: dict, trainable, adapt, total_steps: int):
   return optax.chain(before, tx, after)
 
 
+class RehearsalLoader:
+  """Each global batch: `source_rows` rows of the source task, then the target task's rows.
+
+  Both loaders are resumable; their states are saved together. Rows are joined on the devices
+  and laid out with the batch sharding again (the source rows are the first data shards').
+  """
+
+  def __init__(self, target, source, batch_sharding):
+    self.target, self.source, self.info = target, source, target.info
+    self._join = jax.jit(lambda s, t: jax.tree.map(lambda a, b: jnp.concatenate([a, b]), s, t),
+                         out_shardings=batch_sharding)
+
+  def __next__(self):
+    source, target = next(self.source), next(self.target)
+    common = sorted(set(source) & set(target))
+    return self._join({k: source[k] for k in common}, {k: target[k] for k in common})
+
+  def __iter__(self):
+    return self
+
+  def reset(self):
+    self.target.reset()
+    self.source.reset()
+
+  def get_state(self):
+    return {'target': self.target.get_state(), 'rehearsal': self.source.get_state()}
+
+  def set_state(self, state):
+    self.target.set_state(state['target'])
+    self.source.set_state(state['rehearsal'])
+
+
+def source_task_config(config, adapt) -> ml_collections.ConfigDict | None:
+  """The run's config with config.data replaced by the source task's (config.adapt.source)."""
+  if not adapt.source:
+    return None
+  source = ml_collections.ConfigDict(config.to_dict())
+  source.data.update(dict(adapt.source))
+  source.data = pipeline.merged_config(source.data)
+  return source
+
+
+def rehearsal_rows(adapt, batch_size: int, data_parallel: int) -> int:
+  """Source rows per batch: fraction x batch_size, a multiple of the data-parallel size."""
+  if not adapt.rehearsal.fraction:
+    return 0
+  rows = int(round(adapt.rehearsal.fraction * batch_size / data_parallel)) * data_parallel
+  if not 0 < rows < batch_size:
+    raise ValueError(f'config.adapt.rehearsal.fraction={adapt.rehearsal.fraction} gives {rows} '
+                     f'source rows of a batch of {batch_size} split over {data_parallel} data '
+                     'shards: choose a fraction that leaves both tasks at least one row per shard.')
+  return rows
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -131,11 +188,20 @@ def param_bytes_per_device(tree) -> int:
 # Steps.
 
 
-def make_steps(module, family: str, config, tx):
-  """(train_step, eval_step) as plain functions of (state, frozen, batch); jitted by the caller.
+class Steps(NamedTuple):
+  train: Callable      # (state, constants, batch) -> (state, metrics)
+  eval: Callable       # (state, constants, batch) -> metrics
+  objective: str
+  loss: Callable       # (trainable, constants, extra, batch, train, rng) -> (loss, (metrics, extra))
 
-  state['params'] holds the trainable parameters only; `frozen` the rest (config.adapt), which
-  get no gradient and no optimizer state.
+
+def make_steps(module, family: str, config, tx) -> Steps:
+  """The train and eval steps as plain functions of (state, constants, batch); jitted by the
+  caller.
+
+  state['params'] holds the trainable parameters only. constants: {'frozen': the other
+  parameters (config.adapt; no gradient, no optimizer state), 'ewc': {'anchor', 'fisher'} when
+  EWC is on}; missing keys mean nothing frozen, no EWC.
   """
   objective_name = registry.TASK_OBJECTIVES[config.data.task]
   objective = objectives.OBJECTIVES[objective_name]
@@ -161,13 +227,18 @@ def make_steps(module, family: str, config, tx):
                          rngs={'dropout': rng} if train else None)
     return out, extra
 
-  def loss_fn(trainable, frozen, extra, batch, train, rng):
-    params = adapt_rules.combine(trainable, frozen)
+  def loss_fn(trainable, constants, extra, batch, train, rng):
+    params = adapt_rules.combine(trainable, constants.get('frozen', {}))
     out, new_extra = forward(params, extra, batch, train, rng)
     kwargs = dict(options)
     if objective_name == 'contrastive':
       kwargs['logit_scale'] = params['logit_scale']
     loss, metrics = objective(out, batch, **kwargs)
+    if train and 'ewc' in constants:
+      # EWC: weight / 2 * sum F (theta - theta*)^2 keeps what mattered for the source task.
+      ewc_penalty = ewc.penalty(trainable, constants['ewc']['anchor'], constants['ewc']['fisher'])
+      metrics = dict(metrics, ewc_penalty=ewc_penalty)
+      loss = loss + 0.5 * adapt.ewc.weight * ewc_penalty
     return loss, (metrics, new_extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -181,10 +252,10 @@ def make_steps(module, family: str, config, tx):
   weight_key = objectives.MERGE_WEIGHTS[objective_name]
   weight_key = weight_key if isinstance(weight_key, str) else None
 
-  def accumulated_grads(params, frozen, extra, batch, rng):
+  def accumulated_grads(params, constants, extra, batch, rng):
     """loss, metrics, extra and gradients of the batch, in accum_steps micro-batches."""
     if accum_steps == 1:
-      (loss, (metrics, extra)), grads = grad_fn(params, frozen, extra, batch, True, rng)
+      (loss, (metrics, extra)), grads = grad_fn(params, constants, extra, batch, True, rng)
       return loss, metrics, extra, grads
 
     def split(x):  # (B, ...) -> (k, B/k, ...); micro-batch i takes rows i, i+k, ... so each
@@ -194,7 +265,7 @@ def make_steps(module, family: str, config, tx):
     def body(carry, i_and_micro):
       i, micro = i_and_micro
       grads_sum, weight_sum, metrics_sum, extra = carry
-      (loss, (metrics, extra)), grads = grad_fn(params, frozen, extra, micro, True,
+      (loss, (metrics, extra)), grads = grad_fn(params, constants, extra, micro, True,
                                                 jax.random.fold_in(rng, i))
       w = metrics[weight_key].astype(jnp.float32) if weight_key else jnp.float32(1.0)
       grads_sum = jax.tree.map(lambda a, g: a + w * g, grads_sum, grads)
@@ -206,7 +277,7 @@ def make_steps(module, family: str, config, tx):
     micro_batches = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     metric_shapes = jax.eval_shape(
-        lambda: grad_fn(params, frozen, extra, first, True, rng)[0][1][0])
+        lambda: grad_fn(params, constants, extra, first, True, rng)[0][1][0])
     metric_zeros = {k: jnp.zeros(m.shape, jnp.float32) for k, m in metric_shapes.items()}
     metric_zeros['loss'] = jnp.float32(0.0)
     (grads_sum, weight_sum, metrics_sum, extra), _ = jax.lax.scan(
@@ -217,9 +288,9 @@ def make_steps(module, family: str, config, tx):
     loss = metrics.pop('loss')
     return loss, metrics, extra, grads
 
-  def train_step(state, frozen, batch):
+  def train_step(state, constants, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
-    loss, metrics, extra, grads = accumulated_grads(state['params'], frozen, state['extra'],
+    loss, metrics, extra, grads = accumulated_grads(state['params'], constants, state['extra'],
                                                     batch, rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -228,11 +299,11 @@ def make_steps(module, family: str, config, tx):
                      extra=extra)
     return new_state, metrics
 
-  def eval_step(state, frozen, batch):
-    _, (metrics, _) = loss_fn(state['params'], frozen, state['extra'], batch, False, None)
+  def eval_step(state, constants, batch):
+    _, (metrics, _) = loss_fn(state['params'], constants, state['extra'], batch, False, None)
     return metrics
 
-  return train_step, eval_step, objective_name
+  return Steps(train_step, eval_step, objective_name, loss_fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,14 +409,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   family = (registry.family_of(config.model.name) if not config.init.from_pretrained
             else ptm_jax.hub.pretrained.read_config(ptm_jax.hub.pretrained.resolve(
                 config.init.from_pretrained))['model_type'])
-  train_loader = pipeline.make_loader(config, config.data.train_split, train=True, mesh=mesh,
-                                      tokenizer=tokenizer, family=family)
+  adapt = adapt_config_lib.merged_config(config.adapt)
+  source_config = source_task_config(config, adapt)
+  data_parallel = pipeline.data_parallel_size(mesh)
+  source_rows = rehearsal_rows(adapt, config.batch_size, data_parallel)
+  target_config = config
+  if source_rows:
+    target_config = ml_collections.ConfigDict(config.to_dict())
+    target_config.batch_size = config.batch_size - source_rows
+  train_loader = pipeline.make_loader(target_config, config.data.train_split, train=True,
+                                      mesh=mesh, tokenizer=tokenizer, family=family)
+  if source_rows:  # rehearsal: every batch mixes in source-task rows
+    source_loader_config = ml_collections.ConfigDict(source_config.to_dict())
+    source_loader_config.batch_size = source_rows
+    train_loader = RehearsalLoader(
+        train_loader, pipeline.make_loader(source_loader_config, source_config.data.train_split,
+                                           train=True, mesh=mesh, tokenizer=tokenizer,
+                                           family=family),
+        pipeline.batch_sharding(mesh))
   info = train_loader.info
   if tokenizer is not None and hasattr(tokenizer, 'save') and is_writer:
     tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
 
   accum = optimizers.merged_config(config.optimizer).grad_accum_steps  # checked >= 1 there
-  data_parallel = pipeline.data_parallel_size(mesh)
   if config.batch_size % (accum * data_parallel):
     raise ValueError(f'batch_size {config.batch_size} does not split into '
                      f'optimizer.grad_accum_steps={accum} micro-batches that the data-parallel '
@@ -358,7 +444,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   example_inputs = registry.model_inputs(family, first_batch)
   module, variables, var_shardings = _model_and_variables(
       config, family, info, mesh, example_inputs, init_rng)
-  adapt = adapt_config_lib.merged_config(config.adapt)
   variables, var_shardings = _adapted(module, variables, var_shardings, adapt, example_inputs,
                                       jax.random.fold_in(init_rng, 1), mesh)
   # Which parameters train (config.adapt): the step differentiates and optimises only those.
@@ -385,34 +470,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
                      'rng': replicated}
   state = jax.device_put(state, state_shardings)
 
-  train_fn, eval_fn, objective_name = make_steps(module, family, config, tx)
+  steps = make_steps(module, family, config, tx)
+  objective_name = steps.objective
 
-  def train_step(state, frozen, batch):
+  def train_step(state, constants, batch):
     state = dict(state, rng=jax.random.wrap_key_data(state['rng']))
-    new_state, metrics = train_fn(state, frozen, batch)
+    new_state, metrics = steps.train(state, constants, batch)
     metrics['learning_rate'] = schedule(state['step'])
     return dict(new_state, rng=jax.random.key_data(new_state['rng'])), metrics
 
-  def eval_step(state, frozen, batch):
-    return eval_fn(dict(state, rng=None), frozen, batch)
+  def eval_step(state, constants, batch):
+    return steps.eval(dict(state, rng=None), constants, batch)
 
   batch_sharding = pipeline.batch_sharding(mesh)
-  # The frozen parameters are an argument (not donated, not in the checkpoint: they come back
-  # from the checkpoint or the seed they were built from), never a compiled-in constant.
-  jit_train = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+  # The frozen parameters (and EWC's anchor and Fisher) are an argument: not donated, not in
+  # the checkpoint (they come back from the checkpoint or seed they were built from), never a
+  # compiled-in constant.
+  constants = {'frozen': frozen}
+  constant_shardings = {'frozen': frozen_shardings}
+  if adapt.ewc.weight > 0:
+    # Fisher at the starting point (the source task's optimum), from source training examples.
+    fisher_loader = pipeline.make_loader(source_config, source_config.data.train_split,
+                                         train=True, mesh=mesh, tokenizer=tokenizer,
+                                         family=family)
+    fisher = ewc.fisher_diagonal(
+        lambda p, b: steps.loss(p, constants, extra, b, False, None)[0], params,
+        [next(fisher_loader) for _ in range(adapt.ewc.fisher_batches)])
+    # A copy: the state's own buffers are donated to the train step.
+    constants['ewc'] = {'anchor': jax.tree.map(lambda x: x.copy(), params), 'fisher': fisher}
+    constant_shardings['ewc'] = {'anchor': param_shardings, 'fisher': param_shardings}
+    constants = jax.device_put(constants, constant_shardings)
+  jit_train = jax.jit(train_step, in_shardings=(state_shardings, constant_shardings,
+                                                batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, constant_shardings,
+                                              batch_sharding),
                      out_shardings=replicated)
-  train_step_fn = lambda state, batch: jit_train(state, frozen, batch)
-  eval_step_fn = lambda state, batch: jit_eval(state, frozen, batch)
+  train_step_fn = lambda state, batch: jit_train(state, constants, batch)
+  eval_step_fn = lambda state, batch: jit_eval(state, constants, batch)
 
   trainable_report = adapt_rules.report(rates, variables['params'])
   total_params = trainable_report['total_params']
   t0 = time.time()
-  compiled = jit_train.lower(state, frozen, first_batch).compile()
+  compiled = jit_train.lower(state, constants, first_batch).compile()
   compile_s = time.time() - t0
   # MFU's numerator (ptm_jax.train.hardware): 3 x the forward FLOPs of one global batch.
-  forward_flops = hardware.flops_of(jit_eval.lower(state, frozen, first_batch))
+  forward_flops = hardware.flops_of(jit_eval.lower(state, constants, first_batch))
   model_flops = 3 * forward_flops if forward_flops else None
   memory = compiled.memory_analysis()
   step_bytes = None
@@ -444,6 +547,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
                                             save_every=config.checkpoint_every)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
+  source_before = None
+  if source_config is not None:
+    # Forgetting: the source task's eval metrics at the starting point (recomputed on resume,
+    # before the restore replaces the starting state) and after training.
+    source_eval_loader = pipeline.make_loader(source_config, source_config.data.eval_split,
+                                              train=False, mesh=mesh, tokenizer=tokenizer,
+                                              family=family)
+    source_before = evaluate(eval_step_fn, state, source_eval_loader, objective_name,
+                             config.eval_steps)
   restored = checkpointer.restore(abstract)
   if restored is not None:
     step, state, data_state = restored
@@ -506,8 +618,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   summary.update({'final_step': config.total_steps, 'train': train_metrics, 'eval': last_eval,
                   'seconds_per_step': seconds_per_step,
                   'mfu': hardware.mfu(model_flops, seconds_per_step, mesh.size)})
+  if source_before is not None:
+    source_after = evaluate(eval_step_fn, state, source_eval_loader, objective_name,
+                            config.eval_steps)
+    summary['forgetting'] = {'source_before': source_before, 'source_after': source_after}
+    if 'accuracy' in source_before:
+      summary['forgetting']['accuracy_drop'] = (source_before['accuracy']
+                                                - source_after['accuracy'])
+  if adapt.method in adapt_config_lib.LOW_RANK:
+    summary['exports'] = _export_low_rank(
+        module, adapt_rules.combine(state['params'], frozen), state['extra'], adapt, workdir,
+        config.init.from_pretrained or None, is_writer)
   _write_summary(workdir, summary, is_writer)
   return summary
+
+
+def _export_low_rank(module, params, extra, adapt, workdir: str, base: str | None,
+                     is_writer: bool) -> dict:
+  """WORKDIR/adapter (peft's LoRA layout) and WORKDIR/merged (transformers) of a LoRA run.
+
+  Returns {'adapter': path or why not, 'merged': path or why not} for summary.json.
+  """
+  reason = peft_export.unsupported(module)
+  if reason:
+    if is_writer:
+      logging.warning('No adapter/ or merged/ export: %s', reason)
+    return {'adapter': reason, 'merged': reason}
+  if jax.process_count() > 1:  # a collective: every process takes part, process 0 writes
+    from jax.experimental import multihost_utils
+    params, extra = multihost_utils.process_allgather((params, extra), tiled=True)
+  exports = {}
+  if is_writer:
+    for name, save in (('adapter', lambda out: peft_export.save_adapter(
+        module, params, adapt, out, base_model_name_or_path=base)),
+                       ('merged', lambda out: peft_export.save_merged(
+                           module, params, adapt, out, other_variables=extra))):
+      try:
+        exports[name] = save(os.path.join(workdir, name))
+      except ValueError as e:  # the run's checkpoints stand; say what the export lacks
+        logging.warning('No %s/ export: %s', name, e)
+        exports[name] = str(e)
+  return exports
 
 
 def _write_summary(workdir: str, summary: dict, is_writer: bool):

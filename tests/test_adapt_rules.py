@@ -2,18 +2,24 @@
 and the trainer keeping frozen parameters bit-identical."""
 
 import importlib.util
+import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from experiments import train
-from ptm_jax.adapt import rules
+from ptm_jax.adapt import ewc, rules
+from ptm_jax.data import pipeline
+from ptm_jax.models import gpt2
 from ptm_jax.train import checkpointing
+from ptm_jax.train.config import base_config, finalize
 
 _DIGITS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits.py')
 
@@ -108,11 +114,15 @@ def test_rate_transform_scales_updates_and_holds_leaves_until_they_start():
 STEPS = 6
 
 
-def _run(tmp_path, name, **adapt):
+def _digits_config():
   spec = importlib.util.spec_from_file_location('digits', _DIGITS)
   digits = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(digits)
-  config = digits.get_config('runlocal')
+  return digits.get_config('runlocal')
+
+
+def _run(tmp_path, name, **adapt):
+  config = _digits_config()
   config.total_steps = STEPS
   config.log_every = 1
   config.checkpoint_every = 1
@@ -125,6 +135,8 @@ def _run(tmp_path, name, **adapt):
   config.optimizer.warmup_steps = 0
   config.optimizer.schedule = 'constant'
   config.optimizer.weight_decay = 0.1   # decay too must leave frozen parameters alone
+  for key, value in adapt.pop('data', {}).items():
+    config.data[key] = value
   for key, value in adapt.items():
     config.adapt[key] = value
   workdir = str(tmp_path / name)
@@ -174,3 +186,91 @@ def test_lora_run_trains_only_the_branches_and_the_head(tmp_path):
   assert any(p.endswith('lora_b') and np.abs(v).max() > 0 for p, v in last.items())
   assert summary['trainable_params'] == sum(v.size for v in last.values())
   assert summary['trainable_params'] < 0.2 * summary['total_params']
+
+
+# ------------------------------------------------------------------------------------------------
+# Against forgetting: EWC and rehearsal, with the source task's accuracy before and after.
+
+
+def test_fisher_is_the_mean_of_per_example_squared_gradients():
+  """Logistic regression: d loss_n / d w = (sigmoid(w.x_n) - y_n) x_n, in closed form."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 3)).astype(np.float32)
+  y = (rng.random(12) > 0.5).astype(np.float32)
+  w = jnp.asarray(rng.normal(size=3).astype(np.float32))
+
+  def loss(params, batch):
+    logits = batch['x'] @ params['w']
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch['y']))
+
+  batches = [{'x': x[:8], 'y': y[:8]}, {'x': x[8:], 'y': y[8:]}]  # unequal sizes
+  fisher = ewc.fisher_diagonal(loss, {'w': w}, batches)
+  p = 1 / (1 + np.exp(-(x @ np.asarray(w))))
+  expected = np.mean(((p - y)[:, None] * x) ** 2, axis=0)
+  np.testing.assert_allclose(fisher['w'], expected, rtol=1e-5)
+  penalty = ewc.penalty({'w': w + 1.0}, {'w': w}, fisher)
+  np.testing.assert_allclose(penalty, expected.sum(), rtol=1e-5)
+
+
+def test_the_train_step_adds_the_ewc_penalty_and_its_gradient():
+  """loss + weight / 2 * sum F (theta - theta*)^2, and its gradient weight * F * (theta - theta*),
+  in the trainer's own step."""
+  config = finalize(base_config())
+  config.data.task = 'causal_lm'
+  config.adapt.method = 'full'
+  config.adapt.source = {'classes': (0,)}   # EWC needs a source task; the data is not read here
+  config.adapt.ewc.weight = 3.0
+  module = gpt2.GPT2(gpt2.GPT2Config(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2,
+                                     max_position_embeddings=8), head='lm')
+  steps = train.make_steps(module, 'gpt2', config, optax.sgd(1.0))
+  params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))['params']
+  ids = np.arange(16, dtype=np.int32).reshape(2, 8) % 40
+  batch = {'input_ids': ids, 'labels': np.roll(ids, -1, axis=1)}
+  anchor = jax.tree.map(lambda x: x + 0.01, params)
+  fisher = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+  value_and_grad = jax.value_and_grad(steps.loss, has_aux=True)
+  (plain, _), plain_grads = value_and_grad(params, {}, {}, batch, True, jax.random.key(1))
+  (held, (metrics, _)), held_grads = value_and_grad(
+      params, {'ewc': {'anchor': anchor, 'fisher': fisher}}, {}, batch, True, jax.random.key(1))
+  penalty = sum(float(jnp.sum(0.5 * 0.01 ** 2 * jnp.ones_like(x)))
+                for x in jax.tree.leaves(params))
+  np.testing.assert_allclose(metrics['ewc_penalty'], penalty, rtol=1e-3)
+  np.testing.assert_allclose(held - plain, 0.5 * 3.0 * penalty, rtol=1e-3)
+  jax.tree.map(lambda h, p: np.testing.assert_allclose(h - p, 3.0 * 0.5 * -0.01, atol=1e-6),
+               held_grads, plain_grads)
+
+
+def test_forgetting_is_reported_with_ewc_and_rehearsal_on(tmp_path):
+  """Source: digits 0-4; target: digits 5-9 (both labelled 0-4: one head). The run reports the
+  source task's metrics before and after, and logs the EWC penalty every step."""
+  summary, _ = _run(tmp_path, 'ewc', method='full', source={'classes': (0, 1, 2, 3, 4)},
+                    data={'classes': (5, 6, 7, 8, 9)}, ewc={'weight': 10.0, 'fisher_batches': 2},
+                    rehearsal={'fraction': 0.5})
+  forgetting = summary['forgetting']
+  assert set(forgetting) == {'source_before', 'source_after', 'accuracy_drop'}
+  assert forgetting['source_before'] != forgetting['source_after']
+  np.testing.assert_allclose(forgetting['accuracy_drop'], forgetting['source_before']['accuracy']
+                             - forgetting['source_after']['accuracy'])
+  with open(os.path.join(tmp_path / 'ewc', 'metrics.jsonl'), encoding='utf-8') as f:
+    penalties = [r['ewc_penalty'] for r in map(json.loads, f) if r['split'] == 'train']
+  assert len(penalties) == STEPS and penalties[0] == 0.0 and max(penalties) > 0.0
+
+
+def test_rehearsal_batches_are_source_rows_then_target_rows():
+  mesh = jax.make_mesh((8,), ('data',))
+  config = _digits_config()
+  loaders = {}
+  for name, classes, rows in (('source', (0, 1), 8), ('target', (5, 6), 8)):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.classes, c.batch_size = classes, rows
+    loaders[name] = pipeline.make_loader(c, 'train', train=True)
+  mixed = train.RehearsalLoader(loaders['target'], loaders['source'],
+                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  batch = next(mixed)
+  loaders['source'].reset()
+  loaders['target'].reset()
+  expected = np.concatenate([np.asarray(next(loaders['source'])['image']),
+                             np.asarray(next(loaders['target'])['image'])])
+  np.testing.assert_array_equal(np.asarray(batch['image']), expected)
+  state = mixed.get_state()
+  assert set(state) == {'target', 'rehearsal'}

@@ -36,7 +36,7 @@ def _steps(accum_steps):
   config.optimizer.grad_accum_steps = accum_steps
   module = gpt2.GPT2(TINY_GPT2, head='lm')
   tx = optax.sgd(0.5)  # linear in the gradient: Adam would magnify float noise in tiny ones
-  train_step, _, _ = train.make_steps(module, 'gpt2', config, tx)
+  train_step = train.make_steps(module, 'gpt2', config, tx).train
   params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))['params']
   state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params), 'extra': {},
            'rng': jax.random.key(1)}

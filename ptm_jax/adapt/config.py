@@ -58,7 +58,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.adapter = ml_collections.ConfigDict({'bottleneck': 64, 'init_std': 1e-3})
   c.prefix = ml_collections.ConfigDict({'length': 10, 'hidden': 512})
   c.prompt = ml_collections.ConfigDict({'length': 10, 'init': 'vocab'})  # or 'uniform'
+  # The source task, for forgetting (its eval metric before and after), EWC and rehearsal:
+  # config.data keys that differ from the target's (e.g. {'classes': (0, 1, 2, 3, 4)}); empty =
+  # no source task.
+  c.source = ml_collections.ConfigDict()
   c.ewc = ml_collections.ConfigDict({'weight': 0.0, 'fisher_batches': 8})
+  # fraction of every training batch taken from the source task's training split.
   c.rehearsal = ml_collections.ConfigDict({'fraction': 0.0})
   return c
 
@@ -70,6 +75,9 @@ def merged_config(adapt_config) -> ml_collections.ConfigDict:
 
   def merge(base, new, prefix):
     for key, value in new.items():
+      if prefix == 'adapt.' and key == 'source':  # config.data keys, checked by the pipeline
+        base.source = ml_collections.ConfigDict(dict(value))
+        continue
       if key not in base:
         raise ValueError(f'Unknown config key {prefix}{key}; known keys under {prefix[:-1]}: '
                          f'{sorted(base.keys())}.')
@@ -98,4 +106,9 @@ def merged_config(adapt_config) -> ml_collections.ConfigDict:
   if not 0.0 <= out.rehearsal.fraction < 1.0:
     raise ValueError(f'config.adapt.rehearsal.fraction must be in [0, 1), got '
                      f'{out.rehearsal.fraction}.')
+  if (out.ewc.weight > 0 or out.rehearsal.fraction > 0) and not out.source:
+    raise ValueError('config.adapt.ewc.weight and rehearsal.fraction need the source task: set '
+                     "config.adapt.source to its config.data keys (e.g. {'classes': (0, 1)}).")
+  if out.ewc.weight < 0 or out.ewc.fisher_batches < 1:
+    raise ValueError('config.adapt.ewc.weight must be >= 0 and ewc.fisher_batches >= 1.')
   return out

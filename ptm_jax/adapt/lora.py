@@ -115,6 +115,7 @@ def _quantised(module: nn.Module) -> dict | None:
 
 def _dense(spec: LowRank, module: nn.Dense, x, deterministic: bool, next_fun):
   in_features, out_features = x.shape[-1], module.features
+  out_dtype = _compute_dtype(module, x)  # what the plain Dense returns
   quantised = _quantised(module)
   if quantised is None and not module.has_variable('params', 'kernel'):
     next_fun(x)  # initialisation: let the Dense create its kernel and bias
@@ -144,7 +145,7 @@ def _dense(spec: LowRank, module: nn.Dense, x, deterministic: bool, next_fun):
     y = base + low_rank
   if bias is not None:
     y = y + bias.astype(dtype)
-  return y
+  return y.astype(out_dtype)
 
 
 def _conv(spec: LowRank, module: nn.Conv, x, deterministic: bool, next_fun):

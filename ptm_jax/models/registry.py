@@ -82,6 +82,8 @@ def model_config(model: ml_collections.ConfigDict, task: str, info, data):
   family = family_of(model.name)
   _, presets = FAMILIES[family]
   overrides = {k: v for k, v in model.items() if k not in _RUN_KEYS}
+  if not overrides.get('vocab_size', 1):
+    del overrides['vocab_size']  # 0: the tokenizer's vocabulary (base_config's default)
   cfg = _replace(presets[model.name], overrides, family)
   fields = data_fields(family, task, info, data)
   if family == 'clip':
@@ -100,6 +102,14 @@ def model_config(model: ml_collections.ConfigDict, task: str, info, data):
                        f'max_position_embeddings {text_cfg.max_position_embeddings}.')
     return family, dataclasses.replace(cfg, vision_config=vision, text_config=text_cfg)
   if family in ('bert', 'gpt2'):
+    vocab = fields.get('vocab_size')
+    if vocab and 'vocab_size' in overrides:
+      # A larger config.model.vocab_size pads the tokenizer's vocabulary (nanoGPT pads to a
+      # multiple of 64 for speed; also a way to size the embedding like a real checkpoint's).
+      if overrides['vocab_size'] < vocab:
+        raise ValueError(f'config.model.vocab_size {overrides["vocab_size"]} is smaller than the '
+                         f'tokenizer\'s vocabulary ({vocab}): raise it or leave it unset.')
+      fields['vocab_size'] = int(overrides['vocab_size'])
     cfg = _replace(cfg, fields, family)
     if data.seq_len > cfg.max_position_embeddings:
       raise ValueError(f'config.data.seq_len {data.seq_len} exceeds the model\'s '

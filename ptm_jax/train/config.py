@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   # dtype: the compute dtype ('bfloat16' = mixed precision: bf16 matmuls and activations,
   # float32 parameters, optimizer state and losses). remat: a ptm_jax.models.layers
   # REMAT_POLICIES name; scan_layers: one lax.scan over the blocks (parameters stacked).
+  # vocab_size: 0 = the tokenizer's; larger pads it (text families).
   c.model = ml_collections.ConfigDict({'name': 'vit-ti/16', 'dtype': 'float32',
-                                       'remat': 'none', 'scan_layers': False})
+                                       'remat': 'none', 'scan_layers': False, 'vocab_size': 0})
   c.init = ml_collections.ConfigDict({'from_pretrained': ''})
   c.data = pipeline.default_config()
   c.optimizer = optimizers.default_config()
@@ -52,7 +53,9 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   def merge(base, new, prefix):
     for key, value in new.items():
       if key not in base:
-        if prefix in ('model.',):  # family config fields, checked by the registry
+        # Family config fields (checked by the registry) and the source task's config.data keys
+        # (checked by the data pipeline).
+        if prefix in ('model.', 'adapt.source.'):
           base[key] = value
           continue
         raise ValueError(f'Unknown config key {prefix}{key}; known keys under '
