@@ -36,7 +36,7 @@ _METHOD_TRAINS = {
     'frozen': r'$^',
     'lora': _LOW_RANK_PARAMS, 'dora': _LOW_RANK_PARAMS, 'qlora': _LOW_RANK_PARAMS,
     'adapter': r'/adapter_[^/]*$|' + _LAYER_NORMS,
-    'prefix': r'(^|/)prefix[^/]*/',
+    'prefix': r'(^|/)prefix_encoder/|/prefix_(key|value)$',   # the MLP, or per-layer prefixes
     'prompt': r'(^|/)prompt$',
 }
 _GROUP = re.compile(r'(?:^|/)(?:layer_|stage_)(\d+)(?:/|_block)')
@@ -118,10 +118,19 @@ def count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def _logical_count(path: str, leaf) -> int:
+  """Parameters a leaf stands for: an NF4 code byte holds two; its block scales hold none."""
+  name = path.rsplit(SEP, 1)[-1]
+  if name == 'nf4_codes':
+    return 2 * int(np.prod(leaf.shape))
+  return 0 if name.startswith('nf4_') else int(np.prod(leaf.shape))
+
+
 def report(rates: dict[str, float], params) -> dict:
-  """{'total_params', 'trainable_params', 'trainable_percent'} (counts of elements)."""
+  """{'total_params', 'trainable_params', 'trainable_percent'}: parameters, not stored bytes
+  (an NF4 kernel counts its elements)."""
   flat = flatten(params)
-  total = count(flat)
+  total = sum(_logical_count(p, v) for p, v in flat.items())
   trainable = count({p: v for p, v in flat.items() if rates[p] > 0})
   return {'total_params': total, 'trainable_params': trainable,
           'trainable_percent': 100.0 * trainable / max(total, 1)}

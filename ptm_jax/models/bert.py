@@ -69,6 +69,7 @@ class BertEncoder(nn.Module):
   add_pooler: bool = True
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
@@ -101,7 +102,7 @@ class BertEncoder(nn.Module):
         layer_norm_eps=cfg.layer_norm_eps, norm_first=False, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-        layer_stack=self.layer_stack)
+        attention_impl=self.attention_impl, layer_stack=self.layer_stack)
 
     pooled_BxD = None
     if self.add_pooler:
@@ -118,6 +119,7 @@ class Bert(nn.Module):
   head: str | None = None
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
@@ -127,7 +129,8 @@ class Bert(nn.Module):
       raise ValueError(f'Unknown BERT head {self.head!r}; choose one of {HEADS}.')
     cfg = self.config
     base = BertEncoder(cfg, add_pooler=self.head in _HEADS_WITH_POOLER, dtype=self.dtype,
-                       param_dtype=self.param_dtype, layer_stack=self.layer_stack, name='bert')
+                       param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                       layer_stack=self.layer_stack, name='bert')
     encoded = base(input_ids, attention_mask, token_type_ids, position_ids,
                    deterministic=deterministic)
     if self.head is None:

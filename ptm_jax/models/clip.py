@@ -128,14 +128,14 @@ PRESETS = {
 
 
 def _blocks(x_BxTxD, mask, *, causal, n, num_heads, mlp_dim, act, eps, attention_dropout,
-            init_std, dtype, param_dtype, deterministic, layer_stack):
+            init_std, dtype, param_dtype, deterministic, layer_stack, attention_impl=None):
   """CLIP's pre-LN blocks (no residual dropout), named layer_0 ... layer_{n-1}."""
   return layers.transformer_stack(
       x_BxTxD, mask, num_layers=n, causal=causal, deterministic=deterministic,
       num_heads=num_heads, head_dim=x_BxTxD.shape[-1] // num_heads, mlp_dim=mlp_dim,
       activation=act, layer_norm_eps=eps, norm_first=True, dropout=0.0,
       attention_dropout=attention_dropout, dtype=dtype, param_dtype=param_dtype,
-      init_std=init_std, layer_stack=layer_stack)
+      init_std=init_std, attention_impl=attention_impl, layer_stack=layer_stack)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -143,6 +143,7 @@ class CLIPTextTransformer(nn.Module):
   config: CLIPTextConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
@@ -169,7 +170,8 @@ class CLIPTextTransformer(nn.Module):
         num_heads=cfg.num_heads, mlp_dim=cfg.intermediate_size, act=cfg.hidden_act,
         eps=cfg.layer_norm_eps, attention_dropout=cfg.attention_dropout,
         init_std=cfg.initializer_range, dtype=self.dtype, param_dtype=self.param_dtype,
-        deterministic=deterministic, layer_stack=self.layer_stack)
+        deterministic=deterministic, layer_stack=self.layer_stack,
+        attention_impl=self.attention_impl)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='final_layer_norm', dtype=self.dtype,
                                 param_dtype=self.param_dtype)(x_BxTxD)
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD,
@@ -198,6 +200,7 @@ class CLIPVisionTransformer(nn.Module):
   config: CLIPVisionConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
@@ -232,7 +235,7 @@ class CLIPVisionTransformer(nn.Module):
         mlp_dim=cfg.intermediate_size, act=cfg.hidden_act, eps=cfg.layer_norm_eps,
         attention_dropout=cfg.attention_dropout, init_std=cfg.initializer_range,
         dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic,
-        layer_stack=self.layer_stack)
+        layer_stack=self.layer_stack, attention_impl=self.attention_impl)
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD,
                                    pooler_output=ln('post_layernorm')(x_BxTxD[:, 0]))
 
@@ -248,15 +251,18 @@ class CLIP(nn.Module):
   config: CLIPConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   def setup(self):
     cfg = self.config
     self.text_model = CLIPTextTransformer(cfg.text_config, dtype=self.dtype,
                                           param_dtype=self.param_dtype,
+                                          attention_impl=self.attention_impl,
                                           layer_stack=self.layer_stack)
     self.vision_model = CLIPVisionTransformer(cfg.vision_config, dtype=self.dtype,
                                               param_dtype=self.param_dtype,
+                                              attention_impl=self.attention_impl,
                                               layer_stack=self.layer_stack)
     projection = lambda d, name: layers.dense(
         cfg.projection_dim, ('embed', None), name=name, dtype=self.dtype,

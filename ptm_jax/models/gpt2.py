@@ -95,6 +95,7 @@ class GPT2Transformer(nn.Module):
   config: GPT2Config
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
@@ -130,7 +131,8 @@ class GPT2Transformer(nn.Module):
         layer_norm_eps=cfg.layer_norm_eps, norm_first=True, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, init_std=cfg.initializer_range,
-        out_init_std=out_init_std, layer_stack=self.layer_stack, use_bias=cfg.use_bias)
+        out_init_std=out_init_std, attention_impl=self.attention_impl,
+        layer_stack=self.layer_stack, use_bias=cfg.use_bias)
     x_BxTxD = layers.layer_norm(cfg.layer_norm_eps, name='ln_f', dtype=self.dtype,
                                 param_dtype=self.param_dtype, use_bias=cfg.use_bias)(x_BxTxD)
     return outputs.BaseModelOutput(last_hidden_state=x_BxTxD)
@@ -146,6 +148,7 @@ class GPT2(nn.Module):
   head: str | None = None
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str | None = None  # None (let JAX pick), 'xla' or 'cudnn'.
   layer_stack: layers.LayerStack = layers.LayerStack()  # remat / scan over the blocks
 
   @nn.compact
@@ -154,7 +157,8 @@ class GPT2(nn.Module):
     if self.head not in HEADS:
       raise ValueError(f'Unknown GPT-2 head {self.head!r}; choose one of {HEADS}.')
     base = GPT2Transformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                           layer_stack=self.layer_stack, name='transformer')
+                           attention_impl=self.attention_impl, layer_stack=self.layer_stack,
+                           name='transformer')
     encoded = base(input_ids, attention_mask, position_ids, deterministic=deterministic,
                    decode=decode)
     if self.head is None:

@@ -1,0 +1,111 @@
+#!/bin/bash
+# The GPU figures of experiments/benchmark.py, in one go (about 8 minutes), on a lent H100/H200.
+#
+#   bash experiments/gpu_benchmarks.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else /tmp/bench_out
+#
+# Writes OUT_DIR/results.jsonl (one benchmark JSON per line, appended as each run ends, so a
+# cut-short session keeps what finished), OUT_DIR/log.txt (everything printed) and
+# OUT_DIR/env.txt (GPU, driver, package versions).
+#
+# The lent machine reaches no package registry, so nothing is pip-installed from one: the script
+# runs on the image's python3 (its jax with the CUDA plugin, torch with CUDA, transformers, flax,
+# optax). ptm_jax is imported from this checkout (the current directory). The one runtime package
+# the image lacks, ml_collections (pure Python), comes as a wheel in .whl/ (carry '.whl'):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0
+#
+# Runs, most important first; each has a time limit, a failed run does not stop the others, and
+# no run starts when too little of the budget is left:
+#   1. GPT-2 small train, bf16, cuDNN fused attention, 16 x 1024 tokens (MFU target: 45%)
+#   2. ViT-B/16 train, bf16, cuDNN attention, 128 images (MFU target: 40%)
+#   3. gpt2 / bert / vit / resnet at the issue's default shapes, train then infer, bf16, each
+#      against the transformers peer (torch autocast bf16)
+# Every run also times the torch peer (--peer=torch) when torch sees the GPU.
+
+set -u
+set -x
+OUT_DIR="${1:-${OUT:-/tmp/bench_out}}"
+mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/log.txt") 2>&1
+
+BUDGET_S=${BUDGET_S:-470}        # the whole script, seconds
+RUN_LIMIT_S=${RUN_LIMIT_S:-150}  # one run at most
+MIN_START_S=40                   # do not start a run with less than this left
+START=$(date +%s)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # torch shares the GPU in the same process
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+# --- Environment ---------------------------------------------------------------------------------
+if ! $PY -c 'import ml_collections' 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "ml_collections is missing and no .whl/ was carried: the runs will fail to import."
+  fi
+fi
+{
+  nvidia-smi || true
+  $PY - <<'EOF'
+import importlib
+for name in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'transformers', 'ml_collections'):
+  try:
+    print(name, importlib.import_module(name).__version__)
+  except Exception as e:  # report and go on: the runs say what breaks
+    print(name, 'unavailable:', e)
+import jax
+print('jax devices:', jax.devices())
+import torch
+print('torch cuda:', torch.cuda.is_available(), torch.version.cuda)
+EOF
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+PEER=--peer=torch
+$PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || PEER=
+
+# --- Runs ----------------------------------------------------------------------------------------
+bench() {  # bench NAME ARGS...: one benchmark under the time limits; appends its JSON.
+  local name=$1; shift
+  local left=$(( BUDGET_S - ($(date +%s) - START) ))
+  if (( left < MIN_START_S )); then
+    echo "SKIPPED $name: ${left}s of the budget left"; return
+  fi
+  local limit=$(( left < RUN_LIMIT_S ? left : RUN_LIMIT_S ))
+  local json="/tmp/bench_$name.json"
+  rm -f "$json"
+  timeout -k 5 "$limit" $PY -m experiments.benchmark "$@" $PEER --json_out="$json"
+  local rc=$?
+  if [[ $rc -eq 0 && -s "$json" ]]; then
+    $PY -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$json" \
+        >> "$OUT_DIR/results.jsonl"
+    echo "DONE $name"
+  else
+    echo "FAILED $name (exit $rc; 124 = time limit)"
+  fi
+  return $rc
+}
+
+# A cuDNN run that fails (an unsupported shape, say) is retried with XLA's attention.
+bench_cudnn() {
+  local name=$1; shift
+  bench "$name" "$@" --attention=cudnn || {
+    local rc=$?
+    (( rc != 124 )) && bench "${name}_xla" "$@" --attention=xla
+  }
+}
+
+bench_cudnn gpt2_train_mfu --model=gpt2 --size=small --mode=train --dtype=bfloat16 \
+    --batch_size=16 --seq_len=1024 --steps=10 --warmup=3
+bench_cudnn vit_train_mfu --model=vit --size=b16 --mode=train --dtype=bfloat16 \
+    --batch_size=128 --steps=10 --warmup=3
+for mode in train infer; do
+  bench_cudnn "gpt2_$mode" --model=gpt2 --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3
+  bench_cudnn "bert_$mode" --model=bert --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3
+  bench_cudnn "vit_$mode" --model=vit --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3
+  bench "resnet_$mode" --model=resnet --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3
+done
+
+echo "total $(( $(date +%s) - START ))s; results in $OUT_DIR/results.jsonl"
+exit 0

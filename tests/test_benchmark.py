@@ -1,0 +1,87 @@
+"""experiments/benchmark.py in its tiny form: the CLI, the JSON schema, and the two sides doing the
+same work (the transformers peer, built from our weights, gives our first losses and logits)."""
+
+import json
+import math
+
+from absl.testing import flagsaver
+import pytest
+
+from experiments import benchmark
+
+TOP_KEYS = {'model', 'size', 'mode', 'shape', 'device', 'ours', 'peer', 'ratio'}
+SIDE_KEYS = {'throughput', 'unit', 'compile_s', 'peak_memory_bytes'}
+
+
+def run_main(tmp_path, *args) -> dict:
+  """benchmark.main with these flags, as `python -m experiments.benchmark ARGS` runs it."""
+  out = tmp_path / 'result.json'
+  argv = ['benchmark', *args, f'--json_out={out}']
+  with flagsaver.flagsaver():
+    benchmark.FLAGS(argv)
+    benchmark.main(argv[:1])
+  return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize('model, mode, shape', [
+    ('gpt2', 'train', '--seq_len=16'),
+    ('gpt2', 'infer', '--seq_len=16'),
+    ('vit', 'train', '--image_size=32'),
+    ('vit', 'infer', '--image_size=32'),
+    ('resnet', 'train', '--image_size=32'),  # BatchNorm statistics updated on both sides
+])
+def test_tiny_benchmark_against_torch(tmp_path, model, mode, shape):
+  record = run_main(tmp_path, f'--model={model}', '--size=tiny', f'--mode={mode}', shape,
+                    '--batch_size=2', '--peer=torch', '--steps=2', '--warmup=2')
+  assert TOP_KEYS <= set(record)
+  assert (record['model'], record['size'], record['mode']) == (model, 'tiny', mode)
+  assert record['shape']['batch_size'] == 2
+  for side in ('ours', 'peer'):
+    assert SIDE_KEYS <= set(record[side]), side
+    assert record[side]['throughput'] > 0
+    assert len(record[side]['times_s']) == 2
+  assert record['ours']['compile_s'] > 0
+  assert record['ours']['peak_memory_bytes'] > 0
+  # On the CPU the peer's memory is not measured, and the JSON says why.
+  assert record['peer']['peak_memory_bytes'] is None and record['peer']['peak_memory_note']
+  assert record['ratio'] == pytest.approx(
+      record['ours']['throughput'] / record['peer']['throughput'])
+  assert record['ours']['unit'] == record['peer']['unit']
+  assert record['model_flops_per_step'] > 0
+  assert record['command'].startswith(f'python -m experiments.benchmark --model={model}')
+  if mode == 'train':
+    # Same weights, batch and task: the same loss before and after one AdamW update.
+    check = record['loss_check']
+    assert check['ours'] == pytest.approx(check['peer'], rel=1e-4)
+    assert not math.isclose(check['ours'][0], check['ours'][1])  # the update changed the weights
+  else:
+    assert record['logits_check']['max_abs_diff'] <= 1e-4
+
+
+@pytest.mark.parametrize('model, shape', [('bert', '--seq_len=16'), ('clip', '--seq_len=16')])
+def test_tiny_dry_run(tmp_path, model, shape):
+  record = run_main(tmp_path, f'--model={model}', '--size=tiny', '--mode=train', shape,
+                    '--batch_size=2', '--image_size=32', '--dry_run')
+  assert record['dry_run'] and record['peer'] is None and record['ratio'] is None
+  assert record['ours']['throughput'] is None
+  assert record['ours']['compile_s'] > 0 and record['ours']['peak_memory_bytes'] > 0
+
+
+def test_gpt2_analytic_flops_match_xla():
+  """6N + 12LHQT against XLA's count of the same step (both count attention in full)."""
+  import jax
+  import flax.linen as nn
+  cfg = benchmark.model_config('gpt2', 'tiny', 16, None)
+  module = benchmark.build_module('gpt2', cfg, jax.numpy.float32, None)
+  batch = benchmark.make_batch('gpt2', cfg, 2, 16, None, 0)
+  params = nn.unbox(module.init(jax.random.key(0), input_ids=batch['input_ids']))['params']
+  analytic = benchmark.gpt2_analytic_flops(cfg, params, 2, 16, 'infer')
+  xla = benchmark.hardware.flops_of(jax.jit(benchmark.make_infer_fn(module, 'gpt2')).lower(
+      {'params': params}, batch))
+  # XLA also counts LayerNorms, GELUs, softmax and the loss-free bias adds: a few % more.
+  assert analytic <= xla <= 1.15 * analytic
+
+
+def test_unknown_size_is_refused():
+  with pytest.raises(ValueError, match='Unknown --size'):
+    benchmark.model_config('vit', 'b17', None, 224)
