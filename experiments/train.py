@@ -387,6 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   """Trains (resuming from workdir's checkpoints), evaluates, and returns summary.json's dict."""
   config = finalize(config)
   config.data = pipeline.merged_config(config.data)
+  if config.adapt.method == 'qlora':
+    # QLoRA computes in bf16 throughout (its dequantised kernels and the rest of the model).
+    config.model.dtype = config.adapt.qlora.compute_dtype
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)

@@ -63,6 +63,39 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f'Unknown activation {name!r}; known: {sorted(ACTIVATIONS)}.') from None
 
 
+@jax.custom_jvp
+def cotangent_barrier(x: jax.Array) -> jax.Array:
+  """The identity, whose gradient (cotangent) XLA's CPU backend must write out whole.
+
+  Forward and backward compute exactly x and the incoming gradient. It exists for XLA's CPU
+  fusion pass, which otherwise fuses long elementwise gradient chains into every consumer: the
+  residual-stream gradient (the sum of each later layer's LayerNorm backward) was recomputed by
+  each layer's weight-gradient fusion, work quadratic in depth, and elementwise backward code
+  (GELU's, LayerNorm's) was evaluated inside the transposing copies that feed the weight-gradient
+  dots, a slow strided loop. A conditional is not fused through, so on CPU the tangent goes
+  through `lax.cond` on a predicate that is always true but that XLA cannot fold; on other
+  platforms (`lax.platform_dependent`) it is the plain identity. Defined by its JVP, so grad,
+  jvp and their compositions all work.
+  """
+  return x
+
+
+@cotangent_barrier.defjvp
+def _cotangent_barrier_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  if x.size == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+    return x, t
+
+  def cpu(t):
+    # (bits | 1) != 0 always holds; XLA does not fold it, so the conditional stays.
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0],
+                                        jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
+    keep = (bits | jnp.ones_like(bits)) != jnp.zeros_like(bits)
+    return jax.lax.cond(keep, lambda t: t, jnp.zeros_like, t)
+
+  return x, jax.lax.platform_dependent(t, cpu=cpu, default=lambda t: t)
+
+
 def normal(std: float) -> Initializer:
   return nn.initializers.normal(stddev=std)
 
@@ -137,7 +170,7 @@ class MultiHeadAttention(nn.Module):
     proj = functools.partial(dense, inner, ('embed', 'heads'), dtype=self.dtype,
                              param_dtype=self.param_dtype, use_bias=self.use_bias,
                              kernel_init=normal(self.init_std))
-    split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
+    split = lambda y: cotangent_barrier(y).reshape(b, t, self.num_heads, self.head_dim)
     q_BxTxNxH = split(proj(name='query')(x_BxTxD))
     k_BxSxNxH = split(proj(name='key')(x_BxTxD))
     v_BxSxNxH = split(proj(name='value')(x_BxTxD))
@@ -145,6 +178,7 @@ class MultiHeadAttention(nn.Module):
     if decode:
       k_BxSxNxH, v_BxSxNxH, mask = self._append_to_cache(k_BxSxNxH, v_BxSxNxH, mask, causal)
       causal = False  # folded into the mask above
+    k_BxSxNxH, v_BxSxNxH, mask, causal = self.extend_keys(k_BxSxNxH, v_BxSxNxH, mask, causal)
 
     if self.attention_dropout > 0.0 and not deterministic:
       out_BxTxNxH = self._attention_with_dropout(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask, causal)
@@ -154,9 +188,14 @@ class MultiHeadAttention(nn.Module):
           implementation=self.attention_impl)
 
     out_std = self.init_std if self.out_init_std is None else self.out_init_std
-    return dense(d, ('heads', 'embed'), name='out', dtype=self.dtype,
-                 param_dtype=self.param_dtype, use_bias=self.use_bias,
-                 kernel_init=normal(out_std))(out_BxTxNxH.reshape(b, t, inner))
+    return cotangent_barrier(dense(d, ('heads', 'embed'), name='out', dtype=self.dtype,
+                                   param_dtype=self.param_dtype, use_bias=self.use_bias,
+                                   kernel_init=normal(out_std))(out_BxTxNxH.reshape(b, t, inner)))
+
+  def extend_keys(self, k_BxSxNxH, v_BxSxNxH, mask, causal: bool):
+    """A no-op hook: prefix tuning (`ptm_jax.adapt.prompts`) intercepts it to put per-layer
+    keys/values in front of the projected (and cached) ones. -> (keys, values, mask, causal)."""
+    return k_BxSxNxH, v_BxSxNxH, mask, causal
 
   def _attention_with_dropout(self, q, k, v, mask, causal):
     logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
@@ -209,11 +248,11 @@ class Mlp(nn.Module):
     h = dense(self.hidden_dim, ('embed', 'mlp'), name='fc_in', dtype=self.dtype,
               param_dtype=self.param_dtype, use_bias=self.use_bias,
               kernel_init=normal(self.init_std))(x_BxTxD)
-    h = activation(self.activation)(h)
+    h = activation(self.activation)(cotangent_barrier(h))
     out_std = self.init_std if self.out_init_std is None else self.out_init_std
-    return dense(d, ('mlp', 'embed'), name='fc_out', dtype=self.dtype,
-                 param_dtype=self.param_dtype, use_bias=self.use_bias,
-                 kernel_init=normal(out_std))(h)
+    return cotangent_barrier(dense(d, ('mlp', 'embed'), name='fc_out', dtype=self.dtype,
+                                   param_dtype=self.param_dtype, use_bias=self.use_bias,
+                                   kernel_init=normal(out_std))(h))
 
 
 class TransformerBlock(nn.Module):
@@ -253,10 +292,12 @@ class TransformerBlock(nn.Module):
               name='mlp')
     attend = lambda y: attention(y, mask, causal=causal, deterministic=deterministic,
                                  decode=decode)
+    # The residual stream's gradient is written out at each half-block (see cotangent_barrier).
+    x_BxTxD = cotangent_barrier(x_BxTxD)
     if self.norm_first:
-      x_BxTxD = x_BxTxD + drop(attend(ln(name='ln_attention')(x_BxTxD)))
+      x_BxTxD = cotangent_barrier(x_BxTxD + drop(attend(ln(name='ln_attention')(x_BxTxD))))
       return x_BxTxD + drop(mlp(ln(name='ln_mlp')(x_BxTxD)))
-    x_BxTxD = ln(name='ln_attention')(x_BxTxD + drop(attend(x_BxTxD)))
+    x_BxTxD = cotangent_barrier(ln(name='ln_attention')(x_BxTxD + drop(attend(x_BxTxD))))
     return ln(name='ln_mlp')(x_BxTxD + drop(mlp(x_BxTxD)))
 
 

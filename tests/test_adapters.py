@@ -1,0 +1,379 @@
+"""Houlsby adapters, prefix tuning and prompt tuning (ptm_jax.adapt.adapters / prompts): exact at
+init (adapters), masks and causality with prefixes/prompts, and each method through the trainer."""
+
+import dataclasses
+import importlib.util
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import train
+from ptm_jax.adapt import methods, rules
+from ptm_jax.models import bert, generate, gpt2, layers, resnet, vit
+from ptm_jax.train import checkpointing
+
+_GPT2 = dataclasses.replace(
+    gpt2.PRESETS['gpt2-small'], num_layers=2, hidden_size=32, num_heads=2, vocab_size=50,
+    max_position_embeddings=16, dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
+TINY = {
+    'gpt2': lambda **kw: gpt2.GPT2(_GPT2, head='lm', **kw),
+    'bert': lambda **kw: bert.Bert(dataclasses.replace(
+        bert.PRESETS['bert-tiny'], vocab_size=60, hidden_size=32, num_labels=3, dropout=0.0,
+        attention_dropout=0.0), head='sequence_classification', **kw),
+    'vit': lambda **kw: vit.ViT(dataclasses.replace(
+        vit.PRESETS['vit-ti/16'], image_size=8, patch_size=4, num_layers=2, hidden_size=32,
+        num_heads=2, intermediate_size=64, num_labels=5), head='classification', **kw),
+}
+P = 3  # prefix / prompt length in these tests
+
+
+def _inputs(family, length=8):
+  if family == 'vit':
+    return {'pixel_values': jax.random.normal(jax.random.key(1), (2, 8, 8, 3))}
+  vocab = 50 if family == 'gpt2' else 60
+  return {'input_ids': jax.random.randint(jax.random.key(1), (2, length), 0, vocab)}
+
+
+def _config(method, **sub):
+  return {'method': method, **{k: dict(v) for k, v in sub.items()}}
+
+
+def _adapted(module, config, inputs):
+  """(base params, adapted params with the base weights grafted in and prepared)."""
+  base = nn.unbox(module.init(jax.random.key(0), **inputs))['params']
+  with methods.applied(config):
+    fresh = nn.unbox(module.init(jax.random.key(7), **inputs))['params']
+  grafted = rules.unflatten({**rules.flatten(fresh), **rules.flatten(base)})
+  return base, methods.prepare(grafted, config, jax.random.key(3))
+
+
+def _logits(module, params, inputs, config=None, **kwargs):
+  with methods.applied(config or {}):
+    return module.apply({'params': params}, **inputs, **kwargs).logits
+
+
+def _edit(params, fn):
+  """params with fn(path, leaf) -> new leaf (or None: unchanged) applied to every leaf."""
+  flat = rules.flatten(params)
+  for path, leaf in list(flat.items()):
+    new = fn(path, leaf)
+    if new is not None:
+      flat[path] = new
+  return rules.unflatten(flat)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters.
+
+
+@pytest.mark.parametrize('family', ['bert', 'gpt2'])   # post-LN and pre-LN (ViT: the trainer test)
+def test_adapters_at_init_change_no_output_and_then_do(family):
+  module, inputs = TINY[family](), _inputs(family)
+  config = _config('adapter', adapter={'bottleneck': 4})
+  base, adapted = _adapted(module, config, inputs)
+  added = {p: v.shape for p, v in rules.flatten(adapted).items() if 'adapter_' in p}
+  # Two sites per block (attention/out, mlp/fc_out), four leaves each, in that Dense's scope.
+  assert len(added) == 2 * 2 * 4
+  assert all(re.search(r'/layer_[01]/(attention/out|mlp/fc_out)/adapter_[a-z_]+$', p)
+             for p in added), sorted(added)
+  assert {s for p, s in added.items() if p.endswith('adapter_down_kernel')} == {(32, 4)}
+  assert {s for p, s in added.items() if p.endswith('adapter_up_kernel')} == {(4, 32)}
+  reference = _logits(module, base, inputs)
+  np.testing.assert_array_equal(_logits(module, adapted, inputs, config), reference)
+
+  trained = _edit(adapted, lambda p, v: 0.5 * jax.random.normal(jax.random.key(len(p)), v.shape)
+                  if '/adapter_' in p else None)
+  assert float(jnp.abs(_logits(module, trained, inputs, config) - reference).max()) > 1e-3
+
+
+def test_adapter_init_is_houlsby_with_a_zero_up_projection():
+  module, inputs = TINY['gpt2'](), _inputs('gpt2')
+  _, adapted = _adapted(module, _config('adapter'), inputs)   # default bottleneck 64, std 1e-3
+  flat = rules.flatten(adapted)
+  down = np.concatenate([np.ravel(v) for p, v in flat.items() if p.endswith('down_kernel')])
+  assert abs(down.std() - 1e-3) < 1e-4 and abs(down.mean()) < 1e-4
+  assert all(not np.any(v) for p, v in flat.items()
+             if p.endswith(('up_kernel', 'up_bias', 'down_bias')))
+  assert flat['transformer/layer_0/mlp/fc_out/adapter_down_kernel'].shape == (32, 64)
+
+
+def test_adapters_in_a_scanned_stack_are_stacked_and_exact():
+  module = TINY['gpt2'](layer_stack=layers.LayerStack(scan=True))
+  inputs = _inputs('gpt2')
+  config = _config('adapter', adapter={'bottleneck': 4})
+  base, adapted = _adapted(module, config, inputs)
+  flat = rules.flatten(adapted)
+  assert flat['transformer/layers/attention/out/adapter_up_kernel'].shape == (2, 4, 32)
+  np.testing.assert_array_equal(_logits(module, adapted, inputs, config),
+                                _logits(module, base, inputs))
+
+
+def test_adapters_refuse_a_model_without_transformer_blocks():
+  cfg = dataclasses.replace(resnet.PRESETS['resnet18'], hidden_sizes=(8,), depths=(1,),
+                            embedding_size=8, num_labels=2)
+  module = resnet.ResNet(cfg, head='classification')
+  with methods.applied(_config('adapter')), pytest.raises(ValueError, match='no attention/out'):
+    module.init(jax.random.key(0), **module.example_inputs(image_size=16))
+  with methods.applied(_config('prefix')), pytest.raises(ValueError, match='ResNet has none'):
+    module.init(jax.random.key(0), **module.example_inputs(image_size=16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefix tuning.
+
+
+def _attention_reference(x_BxTxD, params, prefix_k_PxD, prefix_v_PxD, mask_BxS, causal, heads):
+  """Numpy attention over [prefix; keys], written out from the definition."""
+  dense = lambda name, y: y @ np.asarray(params[name]['kernel']) + np.asarray(params[name]['bias'])
+  x = np.asarray(x_BxTxD, np.float64)
+  b, t, d = x.shape
+  h = d // heads
+  split = lambda y: y.reshape(*y.shape[:-1], heads, h)
+  q, k, v = split(dense('query', x)), split(dense('key', x)), split(dense('value', x))
+  pk = np.broadcast_to(split(np.asarray(prefix_k_PxD)), (b, *split(np.asarray(prefix_k_PxD)).shape))
+  pv = np.broadcast_to(split(np.asarray(prefix_v_PxD)), pk.shape)
+  k, v = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
+  logits = np.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(h)
+  p = pk.shape[1]
+  visible = np.ones((b, 1, t, p + t), bool)
+  if causal:
+    visible[..., p:] &= np.tril(np.ones((t, t), bool))
+  if mask_BxS is not None:
+    visible[..., p:] &= np.asarray(mask_BxS, bool)[:, None, None, :]
+  logits = np.where(visible, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  out = np.einsum('bnts,bsnh->btnh', probs, v).reshape(b, t, d)
+  return dense('out', out)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_prefix_attention_equals_the_definition(causal):
+  """One attention layer with per-layer prefixes (the MLP-free form): every query sees every
+  prefix, keys <= i in a causal layer, and padded keys are ignored."""
+  attention = layers.MultiHeadAttention(num_heads=2, head_dim=8)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+  params = nn.unbox(attention.init(jax.random.key(1), x))['params']
+  params['prefix_key'] = 2.0 * jax.random.normal(jax.random.key(2), (P, 16))
+  params['prefix_value'] = jax.random.normal(jax.random.key(3), (P, 16))
+  with methods.applied(_config('prefix')):
+    out = attention.apply({'params': params}, x, layers.padding_mask(mask), causal=causal)
+  expected = _attention_reference(x, params, params['prefix_key'], params['prefix_value'], mask,
+                                  causal, heads=2)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_prefix_mlp_shapes_and_its_drop_keep_the_outputs():
+  module, inputs = TINY['gpt2'](), _inputs('gpt2')
+  config = _config('prefix', prefix={'length': P, 'hidden': 16})
+  base, adapted = _adapted(module, config, inputs)
+  added = {p: v.shape for p, v in rules.flatten(adapted).items() if p not in rules.flatten(base)}
+  assert added == {'prefix_encoder/embedding': (P, 32), 'prefix_encoder/hidden/kernel': (32, 16),
+                   'prefix_encoder/hidden/bias': (16,), 'prefix_encoder/out/kernel': (16, 128),
+                   'prefix_encoder/out/bias': (128,)}   # 128 = 2 layers x (key, value) x 32
+  out = _logits(module, adapted, inputs, config)
+  assert out.shape == (2, 8, 50)
+  assert float(jnp.abs(out - _logits(module, base, inputs)).max()) > 1e-3
+
+  plain = methods.merge(adapted, config)   # the MLP dropped, prefixes per layer
+  flat = rules.flatten(plain)
+  assert not any('prefix_encoder' in p for p in flat)
+  assert flat['transformer/layer_1/attention/prefix_value'].shape == (P, 32)
+  np.testing.assert_allclose(_logits(module, plain, inputs, config), out, atol=1e-6)
+  # The per-layer form runs in a scanned stack too.
+  scanned = TINY['gpt2'](layer_stack=layers.LayerStack(scan=True))
+  np.testing.assert_allclose(_logits(scanned, layers.stack_layers(plain), inputs, config), out,
+                             atol=1e-6)
+  # Training through the MLP needs the looped stack, and says so.
+  with methods.applied(config), pytest.raises(ValueError, match='scan_layers=False'):
+    scanned.init(jax.random.key(0), **inputs)
+
+
+def test_prefix_is_seen_by_every_position_and_keeps_causality_and_padding():
+  module, inputs = TINY['gpt2'](), _inputs('gpt2')
+  config = _config('prefix', prefix={'length': P, 'hidden': 16})
+  _, adapted = _adapted(module, config, inputs)
+  plain = methods.merge(adapted, config)
+  # Zero keys; two prefix sets that differ only in the LAST prefix's value: position 0 of a causal
+  # model tells them apart only if it sees prefix P-1 (a causal mask over [prefix; tokens] would
+  # hide it).
+  zero_keys = lambda value: _edit(plain, lambda p, v: jnp.zeros_like(v) if p.endswith(
+      'prefix_key') else (jnp.zeros_like(v).at[-1].set(value) if p.endswith('prefix_value')
+                          else None))
+  changed = jnp.abs(_logits(module, zero_keys(5.0), inputs, config)
+                    - _logits(module, zero_keys(0.0), inputs, config)).max(axis=-1)
+  assert bool(jnp.all(changed > 1e-3)), changed
+  # Causality: position i does not depend on tokens after i.
+  ids = inputs['input_ids']
+  later = ids.at[:, 5:].set((ids[:, 5:] + 1) % 50)
+  a = _logits(module, adapted, {'input_ids': ids}, config)
+  b = _logits(module, adapted, {'input_ids': later}, config)
+  np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
+  assert float(jnp.abs(a[:, 5:] - b[:, 5:]).max()) > 1e-4
+  # Padding: padded keys stay ignored, whatever their tokens (BERT, bidirectional).
+  module, inputs = TINY['bert'](), _inputs('bert')
+  _, adapted = _adapted(module, config, inputs)
+  mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3])
+  other = inputs['input_ids'].at[1, 5:].set(7)
+  np.testing.assert_allclose(
+      _logits(module, adapted, {'input_ids': other}, config, attention_mask=mask),
+      _logits(module, adapted, inputs, config, attention_mask=mask), atol=1e-6)
+
+
+def test_prefix_with_the_kv_cache_equals_the_full_forward():
+  module, inputs = TINY['gpt2'](), _inputs('gpt2')
+  config = _config('prefix', prefix={'length': P, 'hidden': 16})
+  _, adapted = _adapted(module, config, inputs)
+  ids = inputs['input_ids']
+  full = _logits(module, adapted, inputs, config)
+  with methods.applied(config):
+    cache = generate.init_cache(module, 2, 8)
+    mask = jnp.ones((2, 8), jnp.int32)
+    logits = []
+    for start, stop in ((0, 6), (6, 7), (7, 8)):   # a prefill, then one token at a time
+      out, state = module.apply({'params': adapted, 'cache': cache}, ids[:, start:stop],
+                                attention_mask=mask, position_ids=jnp.arange(start, stop)[None],
+                                decode=True, mutable=['cache'])
+      cache = state['cache']
+      logits.append(out.logits)
+  np.testing.assert_allclose(jnp.concatenate(logits, axis=1), full, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt tuning.
+
+
+@pytest.mark.parametrize('family', sorted(TINY))
+def test_prompts_keep_output_shapes_and_reach_every_position(family):
+  module, inputs = TINY[family](), _inputs(family)
+  config = _config('prompt', prompt={'length': P, 'init': 'uniform'})
+  base, adapted = _adapted(module, config, inputs)
+  added = {p: v.shape for p, v in rules.flatten(adapted).items() if p not in rules.flatten(base)}
+  assert list(added.values()) == [(P, 32)] and list(added)[0].endswith('layer_0/prompt')
+  prompt = rules.flatten(adapted)[list(added)[0]]
+  assert float(prompt.min()) >= -0.5 and float(prompt.max()) <= 0.5 and float(prompt.std()) > 0.2
+  reference = module.apply({'params': base}, **inputs)
+  with methods.applied(config):
+    out = module.apply({'params': adapted}, **inputs)
+  # (B, T, V) for the LM, (B, K) for the classifiers; hidden states (B, T, D): prompts dropped.
+  assert out.logits.shape == reference.logits.shape
+  assert out.last_hidden_state.shape == reference.last_hidden_state.shape
+  changed = jnp.abs(out.last_hidden_state - reference.last_hidden_state).max(axis=-1)
+  assert bool(jnp.all(changed > 1e-3)), changed   # every position (GPT-2: position 0 too)
+
+
+def test_prompts_keep_causality_and_padding():
+  module, inputs = TINY['gpt2'](), _inputs('gpt2')
+  config = _config('prompt', prompt={'length': P, 'init': 'uniform'})
+  _, adapted = _adapted(module, config, inputs)
+  ids = inputs['input_ids']
+  later = ids.at[:, 5:].set((ids[:, 5:] + 1) % 50)
+  a = _logits(module, adapted, {'input_ids': ids}, config)
+  b = _logits(module, adapted, {'input_ids': later}, config)
+  np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
+  # A causal LM row padded on the right: its real positions do not see the padding.
+  mask = jnp.array([[1] * 8, [1] * 6 + [0] * 2])
+  padding_changed = ids.at[:, 6:].set((ids[:, 6:] + 1) % 50)
+  np.testing.assert_allclose(
+      _logits(module, adapted, {'input_ids': padding_changed}, config, attention_mask=mask)[1, :6],
+      _logits(module, adapted, {'input_ids': ids}, config, attention_mask=mask)[1, :6], atol=1e-6)
+
+  module, inputs = TINY['bert'](), _inputs('bert')
+  _, adapted = _adapted(module, config, inputs)
+  mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3])
+  other = inputs['input_ids'].at[1, 5:].set(7)
+  np.testing.assert_allclose(
+      _logits(module, adapted, {'input_ids': other}, config, attention_mask=mask),
+      _logits(module, adapted, inputs, config, attention_mask=mask), atol=1e-6)
+
+
+def test_vocab_init_takes_rows_of_the_loaded_word_embeddings():
+  module, inputs = TINY['gpt2'](), _inputs('gpt2')
+  config = _config('prompt', prompt={'length': P, 'init': 'vocab'})
+  base, adapted = _adapted(module, config, inputs)
+  table = np.asarray(rules.flatten(base)['transformer/wte/embedding'])
+  prompt = np.asarray(rules.flatten(adapted)['transformer/layer_0/prompt'])
+  rows = [int(np.flatnonzero((table == row).all(axis=1))[0]) for row in prompt]
+  assert len(set(rows)) == P   # distinct vocabulary rows
+  with pytest.raises(ValueError, match="prompt.init='uniform'"):
+    _adapted(TINY['vit'](), config, _inputs('vit'))
+  with pytest.raises(ValueError, match='pass rng'):
+    methods.prepare(adapted, config)
+
+
+def test_prompts_refuse_a_scanned_stack_and_the_kv_cache():
+  config = _config('prompt', prompt={'length': P, 'init': 'uniform'})
+  scanned = TINY['gpt2'](layer_stack=layers.LayerStack(scan=True))
+  with methods.applied(config), pytest.raises(ValueError, match='scan_layers=False'):
+    scanned.init(jax.random.key(0), **_inputs('gpt2'))
+  with methods.applied(config), pytest.raises(ValueError, match='decode=True'):
+    generate.init_cache(TINY['gpt2'](), 2, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the trainer: the digits ViT (runlocal), a few steps, a checkpoint after every step.
+
+STEPS = 2   # W_down moves from the second update on (W_up = 0 before the first)
+_DIGITS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits.py')
+
+
+def _train(tmp_path, **adapt):
+  spec = importlib.util.spec_from_file_location('digits', _DIGITS)
+  digits = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(digits)
+  config = digits.get_config('runlocal')
+  config.total_steps = STEPS
+  config.log_every = config.checkpoint_every = 1
+  config.keep_checkpoints = STEPS
+  config.eval_steps = 1
+  config.batch_size = 16
+  config.mesh.devices = 1   # compiles faster; the sharded step is tested elsewhere
+  config.model.num_layers = 2
+  config.model.hidden_size = 32
+  config.model.intermediate_size = 64
+  config.optimizer.warmup_steps = 0
+  config.optimizer.schedule = 'constant'
+  config.optimizer.weight_decay = 0.0   # a leaf changes only through its gradient
+  config.adapt.update(adapt)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  by_step = {}
+  for step in (1, STEPS):
+    with ocp.StandardCheckpointer() as reader:
+      state = reader.restore(os.path.join(tmp_path, 'checkpoints', str(step),
+                                          checkpointing.STATE_ITEM))
+    by_step[step] = {k: np.asarray(v) for k, v in rules.flatten(state['params']).items()}
+  return summary, by_step
+
+
+_EXPECTED_TRAINABLE = {
+    # 2 blocks x (attention/out, mlp/fc_out) x 4 adapter leaves, every LayerNorm, the classifier.
+    'adapter': lambda p: ('/adapter_' in p or p.split('/')[-2] in ('ln_attention', 'ln_mlp',
+                                                                   'final_ln')
+                          or p.startswith('classifier/')),
+    'prefix': lambda p: p.startswith(('prefix_encoder/', 'classifier/')),
+    'prompt': lambda p: p in ('vit/layer_0/prompt', 'classifier/kernel', 'classifier/bias'),
+}
+_COUNTS = {'adapter': 16 + 2 * 4 + 2 + 2, 'prefix': 5 + 2, 'prompt': 3}
+
+
+@pytest.mark.parametrize('method', ['adapter', 'prefix', 'prompt'])
+def test_the_trainer_trains_exactly_the_added_parameters(tmp_path, method):
+  """The train state (and checkpoint) holds exactly the method's leaves, every one of which
+  moves; every other leaf is a frozen jit argument that the step cannot change."""
+  adapt = {'method': method, 'adapter': {'bottleneck': 8}, 'prefix': {'length': 4, 'hidden': 16},
+           'prompt': {'length': 4, 'init': 'uniform'}}
+  summary, by_step = _train(tmp_path, **adapt)
+  trained = by_step[STEPS]
+  assert len(trained) == _COUNTS[method] and all(map(_EXPECTED_TRAINABLE[method], trained))
+  unchanged = [p for p in trained if np.array_equal(trained[p], by_step[1][p])]
+  assert not unchanged, unchanged
+  assert summary['adapt_method'] == method
+  assert summary['trainable_params'] == sum(v.size for v in trained.values())
+  assert summary['trainable_params'] < summary['total_params']
