@@ -119,12 +119,14 @@ flags.DEFINE_enum('attention', 'auto', tuple(ATTENTION), 'Our attention implemen
                   'kernel on NVIDIA GPUs.')
 flags.DEFINE_integer('steps', 5, 'Timed rounds (one step of each side per round).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps of each side before the rounds.')
-flags.DEFINE_integer('seed', 0, 'Seed of the weights and the batch.')
+# seed and dry_run share their names (and meaning) with flags of experiments/train.py and
+# transfer_study.py; allow_override lets the entry points be imported into one process (the tests).
+flags.DEFINE_integer('seed', 0, 'Seed of the weights and the batch.', allow_override=True)
 flags.DEFINE_bool('scan_layers', False, 'Ours: one lax.scan over the transformer blocks '
                   '(model.scan_layers in the trainer); the same maths.')
 flags.DEFINE_string('json_out', None, 'Write the result here as well as to stdout.')
 flags.DEFINE_bool('dry_run', False, 'Compile ours only: compile time, memory and FLOPs, no '
-                  'timing and no peer.')
+                  'timing and no peer.', allow_override=True)
 
 
 @dataclasses.dataclass(frozen=True)

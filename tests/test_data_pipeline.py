@@ -125,6 +125,45 @@ def test_digits_batches_on_the_mesh_are_deterministic():
                                 np.bincount(embedded.digits('train').arrays['label']))
 
 
+def test_examples_per_class_is_a_seeded_nested_subset_of_training_only(tmp_path):
+  def epoch_images(seed, k):
+    config = make_config(batch_size=15, seed=seed, name='digits', classes=(5, 6, 7, 8, 9),
+                         image_size=8, channels=1, augment='none', examples_per_class=k)
+    loader = pipeline.make_loader(config, 'train', train=True)
+    assert loader.info.num_examples == 5 * k and loader.info.num_classes == 5
+    # One shuffled pass holds copies of the 5k examples (grain's shuffle is slow on tiny ones).
+    copies = -(-pipeline._MIN_SHUFFLED_PASS // (5 * k))
+    batches = take(loader, copies * 5 * k // 15)
+    labels = np.concatenate([b['label'] for b in batches])
+    np.testing.assert_array_equal(np.bincount(labels), [copies * k] * 5)
+    images = [img.tobytes() for b in batches for img in b['image']]
+    assert all(images.count(i) == copies for i in set(images))
+    return set(images), config
+
+  three, config = epoch_images(seed=0, k=3)
+  assert len(three) == 15
+  assert epoch_images(seed=0, k=3)[0] == three
+  assert epoch_images(seed=1, k=3)[0] != three
+  assert three < epoch_images(seed=0, k=6)[0]  # a bigger budget only adds examples
+  # Evaluation (train=False) sees the whole split.
+  eval_loader = pipeline.make_loader(config, 'test', train=False)
+  assert eval_loader.info.num_examples == len(embedded.digits('test', classes=(5, 6, 7, 8, 9)))
+
+  labels = np.array([0, 1, 1, 1, 2, 2, 0, 1])
+  picked = pipeline.per_class_subset(labels, 2, seed=3)
+  np.testing.assert_array_equal(np.bincount(labels[picked]), [2, 2, 2])
+  assert set(pipeline.per_class_subset(labels, 1, seed=3)) < set(picked)
+  assert len(pipeline.per_class_subset(labels, 10, seed=3)) == len(labels)  # small classes: all
+  # Other sources: an image folder's labels come without decoding its images.
+  folder = write_image_folder(tmp_path / 'images')
+  loader = pipeline.make_loader(make_config(batch_size=3, image_folder=str(folder), image_size=8,
+                                            augment='none', examples_per_class=1),
+                                'train', train=True)
+  assert sorted(np.asarray(next(loader)['label'])) == [0, 1, 2]
+  with pytest.raises(ValueError, match='>= 0'):
+    pipeline.make_loader(make_config(name='digits', examples_per_class=-1), 'train', train=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Resume: batches k..n after restoring equal those of an uninterrupted iterator.
 
