@@ -13,7 +13,8 @@ from safetensors import safe_open
 from experiments import transfer_study
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), '..', 'colab', 'transfer_study.ipynb')
-STRATEGIES = ['full', 'lora']
+# Cheap ones: LoRA-family runs also export adapter/ and merged/ folders (experiments/train.py).
+STRATEGIES = ['full', 'frozen']
 
 
 @pytest.fixture(scope='module')
@@ -57,8 +58,8 @@ def test_small_study_writes_every_cell_the_table_and_the_plot(study_dir):
       assert cells[(strategy, budget, 'train_examples')] == (
           15 if budget == 3 else sum(transfer_study.target_class_sizes()))
   assert len(written) == 3 * 2 * 6  # nothing else
-  # LoRA trains its low-rank factors and the head; full and scratch train everything.
-  assert (cells[('lora', 3, 'trainable_params')] < cells[('full', 3, 'trainable_params')]
+  # The frozen backbone leaves only the head to train; full and scratch train everything.
+  assert (cells[('frozen', 3, 'trainable_params')] < cells[('full', 3, 'trainable_params')]
           == cells[('scratch', 3, 'trainable_params')] == cells[('full', 3, 'total_params')])
 
   # The strategies start from the exported source backbone (no classifier: a new head), scratch
@@ -67,7 +68,7 @@ def test_small_study_writes_every_cell_the_table_and_the_plot(study_dir):
   with safe_open(model_dir / 'model.safetensors', 'np') as f:
     keys = list(f.keys())
   assert keys and not [k for k in keys if 'classifier' in k]
-  for strategy, expected in (('lora', str(model_dir)), ('scratch', '')):
+  for strategy, expected in (('frozen', str(model_dir)), ('scratch', '')):
     with open(study_dir / 'runs' / strategy / '3' / 'config.json') as f:
       run = json.load(f)
     assert run['init']['from_pretrained'] == expected
@@ -95,7 +96,7 @@ def test_notebook_runs_the_study_and_loads_the_source_model(study_dir, capsys):
     cells = [''.join(c['source']) for c in json.load(f)['cells'] if c['cell_type'] == 'code']
   small_form = {"WORKDIR = '/tmp/transfer_study'": f'WORKDIR = {str(study_dir)!r}',
                 'SMALL = False': 'SMALL = True',
-                'STRATEGIES = list(METHODS)': "STRATEGIES = ['lora']",
+                'STRATEGIES = list(METHODS)': "STRATEGIES = ['frozen']",
                 "BUDGETS = ['2', '10', 'all']": "BUDGETS = ['3', '4']"}
   transfer_study.source_model(str(study_dir), small=True, seed=0, log=print)  # made or loaded
   capsys.readouterr()
@@ -118,7 +119,7 @@ def test_notebook_runs_the_study_and_loads_the_source_model(study_dir, capsys):
   assert all(('reused' in line) == (' 3 per class' in line) for line in progress), progress
   rows = namespace['rows']
   assert {(r['strategy'], r['budget']) for r in rows} == {
-      (s, b) for s in ('lora', 'scratch') for b in (3, 4)}
+      (s, b) for s in ('frozen', 'scratch') for b in (3, 4)}
   accuracy = [r['value'] for r in rows if r['metric'] == 'accuracy']
   assert np.all((np.array(accuracy) >= 0) & (np.array(accuracy) <= 1))
   assert namespace['fig'].axes[0].get_lines()  # the figure the notebook shows inline
