@@ -32,7 +32,6 @@ resnet 50, 8 images of 224 x 224; clip b32, 8 images of 224 x 224 + 8 texts of 7
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import statistics

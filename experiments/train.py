@@ -38,7 +38,7 @@ from ptm_jax.adapt import peft_export
 from ptm_jax.adapt import rules as adapt_rules
 from ptm_jax.data import pipeline
 from ptm_jax.models import layers, registry
-from ptm_jax.train import checkpointing, distributed, hardware, objectives, optimizers
+from ptm_jax.train import checkpointing, distributed, hardware, objectives, optimizers, runtime
 from ptm_jax.train.config import RESUMABLE_KEYS, finalize
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +169,15 @@ def rehearsal_rows(adapt, batch_size: int, data_parallel: int) -> int:
                      f'source rows of a batch of {batch_size} split over {data_parallel} data '
                      'shards: choose a fraction that leaves both tasks at least one row per shard.')
   return rows
+
+
+def _eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with batch_size = config.eval_batch_size (when set), for evaluation loaders."""
+  if not config.get('eval_batch_size'):
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.batch_size = config.eval_batch_size
+  return out
 
 
 def count_params(tree) -> int:
@@ -310,6 +319,24 @@ def make_steps(module, family: str, config, tx) -> Steps:
 # Metrics.
 
 
+def _import_tensorboardx():
+  """tensorboardX, imported here (only the writing process needs it) without torch.
+
+  tensorboardX imports torch when it can, only to accept torch tensors, which this trainer never
+  passes; that import cost 1-2 s of every run's start-up. Unless torch is already loaded, it is
+  hidden for the duration of the import and then made importable again.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
 class MetricWriter:
   """metrics.jsonl (one JSON object per log or eval) + TensorBoard events + the terminal."""
 
@@ -318,7 +345,7 @@ class MetricWriter:
     self.total_steps = total_steps
     self._tb = None
     if enabled:
-      import tensorboardX  # Imported here: only the writing process needs it.
+      tensorboardX = _import_tensorboardx()
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self._bar = None
@@ -386,10 +413,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
                        overwrite: bool = False) -> dict:
   """Trains (resuming from workdir's checkpoints), evaluates, and returns summary.json's dict."""
   config = finalize(config)
+  runtime.configure(config.runtime)  # first: CPU device count and XLA flags need a fresh JAX
   config.data = pipeline.merged_config(config.data)
-  if config.adapt.method == 'qlora':
-    # QLoRA computes in bf16 throughout (its dequantised kernels and the rest of the model).
-    config.model.dtype = config.adapt.qlora.compute_dtype
+  config.model.dtype = adapt_methods.model_dtype(adapt_config_lib.merged_config(config.adapt),
+                                                  config.model.dtype)
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -554,7 +581,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   if source_config is not None:
     # Forgetting: the source task's eval metrics at the starting point (recomputed on resume,
     # before the restore replaces the starting state) and after training.
-    source_eval_loader = pipeline.make_loader(source_config, source_config.data.eval_split,
+    source_eval_loader = pipeline.make_loader(_eval_config(source_config),
+                                              source_config.data.eval_split,
                                               train=False, mesh=mesh, tokenizer=tokenizer,
                                               family=family)
     source_before = evaluate(eval_step_fn, state, source_eval_loader, objective_name,
@@ -565,7 +593,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
     train_loader.set_state(data_state)
     logging.info('Resumed from step %d.', step)
   start = int(state['step'])
-  eval_loader = pipeline.make_loader(config, config.data.eval_split, train=False, mesh=mesh,
+  eval_loader = pipeline.make_loader(_eval_config(config), config.data.eval_split, train=False,
+                                     mesh=mesh,
                                      tokenizer=tokenizer, family=family)
   writer = MetricWriter(workdir, config.total_steps, is_writer)
   items, unit = _items_per_step(config, task)
@@ -576,9 +605,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   steps_timed, seconds_timed = 0, 0.0
   try:
     for step in range(start + 1, config.total_steps + 1):
+      if config.profile.num_steps and step == config.profile.start_step + 1:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       batch = next(train_loader)
       state, metrics = train_step_fn(state, batch)
       done = step == config.total_steps
+      if config.profile.num_steps and step == min(
+          config.profile.start_step + config.profile.num_steps, config.total_steps):
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
       if step % config.log_every == 0 or done:
         train_metrics = _scalars(metrics)
         if not math.isfinite(train_metrics['loss']):

@@ -1,7 +1,6 @@
 """What trains (ptm_jax.adapt.rules): treatments, layer groups, multipliers, gradual unfreezing,
 and the trainer keeping frozen parameters bit-identical."""
 
-import importlib.util
 import json
 import os
 
@@ -11,18 +10,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import train
 from ptm_jax.adapt import ewc, rules
 from ptm_jax.data import pipeline
 from ptm_jax.models import gpt2
-from ptm_jax.train import checkpointing
 from ptm_jax.train.config import base_config, finalize
-
-_DIGITS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits.py')
-
+from tests import adapt_runs
 
 def _vit_params():
   """A parameter tree shaped like a 3-layer ViT classifier's (values are irrelevant)."""
@@ -114,41 +109,12 @@ def test_rate_transform_scales_updates_and_holds_leaves_until_they_start():
 STEPS = 6
 
 
-def _digits_config():
-  spec = importlib.util.spec_from_file_location('digits', _DIGITS)
-  digits = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(digits)
-  return digits.get_config('runlocal')
-
-
 def _run(tmp_path, name, **adapt):
-  config = _digits_config()
-  config.total_steps = STEPS
-  config.log_every = 1
-  config.checkpoint_every = 1
-  config.keep_checkpoints = STEPS
-  config.eval_steps = 1
-  config.batch_size = 16
-  config.model.num_layers = 2
-  config.model.hidden_size = 32
-  config.model.intermediate_size = 64
-  config.optimizer.warmup_steps = 0
-  config.optimizer.schedule = 'constant'
-  config.optimizer.weight_decay = 0.1   # decay too must leave frozen parameters alone
-  for key, value in adapt.pop('data', {}).items():
-    config.data[key] = value
-  for key, value in adapt.items():
-    config.adapt[key] = value
-  workdir = str(tmp_path / name)
-  summary = train.train_and_evaluate(config, workdir)
-  return summary, os.path.join(workdir, 'checkpoints')
+  # Weight decay on: decay too must leave frozen parameters alone.
+  return adapt_runs.digits_run(tmp_path / name, STEPS, weight_decay=0.1, **adapt)
 
 
-def _read(checkpoint_dir, step):
-  step_dir = os.path.join(checkpoint_dir, str(step), checkpointing.STATE_ITEM)
-  with ocp.StandardCheckpointer() as reader:
-    state = reader.restore(step_dir)
-  return {k: np.asarray(v) for k, v in rules.flatten(state['params']).items()}
+_read = adapt_runs.trained_params
 
 
 def test_frozen_method_checkpoints_and_trains_only_the_head(tmp_path):
@@ -228,7 +194,7 @@ def test_the_train_step_adds_the_ewc_penalty_and_its_gradient():
   batch = {'input_ids': ids, 'labels': np.roll(ids, -1, axis=1)}
   anchor = jax.tree.map(lambda x: x + 0.01, params)
   fisher = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
-  value_and_grad = jax.value_and_grad(steps.loss, has_aux=True)
+  value_and_grad = jax.jit(jax.value_and_grad(steps.loss, has_aux=True), static_argnums=4)
   (plain, _), plain_grads = value_and_grad(params, {}, {}, batch, True, jax.random.key(1))
   (held, (metrics, _)), held_grads = value_and_grad(
       params, {'ewc': {'anchor': anchor, 'fisher': fisher}}, {}, batch, True, jax.random.key(1))
@@ -258,7 +224,7 @@ def test_forgetting_is_reported_with_ewc_and_rehearsal_on(tmp_path):
 
 def test_rehearsal_batches_are_source_rows_then_target_rows():
   mesh = jax.make_mesh((8,), ('data',))
-  config = _digits_config()
+  config = adapt_runs.digits_config()
   loaders = {}
   for name, classes, rows in (('source', (0, 1), 8), ('target', (5, 6), 8)):
     c = ml_collections.ConfigDict(config.to_dict())

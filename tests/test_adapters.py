@@ -2,21 +2,17 @@
 init (adapters), masks and causality with prefixes/prompts, and each method through the trainer."""
 
 import dataclasses
-import importlib.util
-import os
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from experiments import train
 from ptm_jax.adapt import methods, rules
 from ptm_jax.models import bert, generate, gpt2, layers, resnet, vit
-from ptm_jax.train import checkpointing
+from tests import adapt_runs
 
 _GPT2 = dataclasses.replace(
     gpt2.PRESETS['gpt2-small'], num_layers=2, hidden_size=32, num_heads=2, vocab_size=50,
@@ -321,35 +317,12 @@ def test_prompts_refuse_a_scanned_stack_and_the_kv_cache():
 # Through the trainer: the digits ViT (runlocal), a few steps, a checkpoint after every step.
 
 STEPS = 2   # W_down moves from the second update on (W_up = 0 before the first)
-_DIGITS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits.py')
 
 
 def _train(tmp_path, **adapt):
-  spec = importlib.util.spec_from_file_location('digits', _DIGITS)
-  digits = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(digits)
-  config = digits.get_config('runlocal')
-  config.total_steps = STEPS
-  config.log_every = config.checkpoint_every = 1
-  config.keep_checkpoints = STEPS
-  config.eval_steps = 1
-  config.batch_size = 16
-  config.mesh.devices = 1   # compiles faster; the sharded step is tested elsewhere
-  config.model.num_layers = 2
-  config.model.hidden_size = 32
-  config.model.intermediate_size = 64
-  config.optimizer.warmup_steps = 0
-  config.optimizer.schedule = 'constant'
-  config.optimizer.weight_decay = 0.0   # a leaf changes only through its gradient
-  config.adapt.update(adapt)
-  summary = train.train_and_evaluate(config, str(tmp_path))
-  by_step = {}
-  for step in (1, STEPS):
-    with ocp.StandardCheckpointer() as reader:
-      state = reader.restore(os.path.join(tmp_path, 'checkpoints', str(step),
-                                          checkpointing.STATE_ITEM))
-    by_step[step] = {k: np.asarray(v) for k, v in rules.flatten(state['params']).items()}
-  return summary, by_step
+  # No weight decay: a leaf changes only through its gradient.
+  summary, checkpoints = adapt_runs.digits_run(tmp_path, STEPS, weight_decay=0.0, **adapt)
+  return summary, {step: adapt_runs.trained_params(checkpoints, step) for step in (1, STEPS)}
 
 
 _EXPECTED_TRAINABLE = {

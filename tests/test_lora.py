@@ -176,6 +176,27 @@ def test_qlora_stores_nf4_and_computes_with_the_dequantised_kernel():
                              _apply(module, _randomise_b(adapted), inputs, spec), atol=2e-5)
 
 
+class _OddDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='proj')(x)  # a (5, 3) kernel: 15 elements, odd
+
+
+def test_parameter_report_counts_an_nf4_kernel_as_the_kernel_it_replaced():
+  """15 elements pack into 8 NF4 bytes; the report still counts 15 (not 16)."""
+  module, inputs = _OddDense(), {'x': jnp.ones((2, 5))}
+  spec = lora.LowRank(method='qlora', rank=2, alpha=4.0, targets='proj$',
+                      compute_dtype='float32')
+  base, adapted = _adapted(module, spec, inputs)
+  assert rules.flatten(adapted)['proj/nf4_codes'].shape == (8,)
+  flat = rules.flatten(adapted)
+  rates = {p: (1.0 if 'lora_' in p else 0.0) for p in flat}
+  report = rules.report(rates, adapted)
+  lora_params = 5 * 2 + 2 * 3
+  assert report['total_params'] == rules.count(base) + lora_params
+  assert report['trainable_params'] == lora_params
+
+
 def test_conv_and_embedding_lora():
   """A ResNet's convolutions and BERT's word embeddings: exact at init, merged = unmerged."""
   net = resnet.ResNet(dataclasses.replace(resnet.PRESETS['resnet18'], num_labels=3,

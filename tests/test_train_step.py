@@ -1,5 +1,6 @@
 """The trainer's step options: gradient accumulation, mixed precision, remat/scan, MFU."""
 
+import glob
 import json
 import os
 
@@ -63,8 +64,9 @@ def test_equal_weighting_would_differ_so_the_test_above_can_fail():
   batch = _lm_batch()
   module = gpt2.GPT2(TINY_GPT2, head='lm')
   params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))
+  logits = jax.jit(lambda ids: module.apply(params, ids).logits)
   loss_of = lambda rows: float(objectives.causal_lm_loss(
-      module.apply(params, batch['input_ids'][rows]).logits, batch['labels'][rows])[0])
+      logits(batch['input_ids'][rows]), batch['labels'][rows])[0])
   losses = [loss_of(slice(i, None, 4)) for i in range(4)]
   assert abs(np.mean(losses) - loss_of(slice(None))) > 1e-3
 
@@ -92,11 +94,19 @@ def test_trainer_runs_with_accumulation_remat_scan_and_bf16(tmp_path):
   ref = train.train_and_evaluate(_digits_config(), str(tmp_path / 'ref'))
   ref_losses = _train_losses(tmp_path / 'ref')
   # Accumulation over 2 micro-batches and a rematerialised, scanned stack: the same training.
+  # It also evaluates in one batch of 32 (the reference: two of 16, the same examples) and
+  # writes a profile of its second step.
   other = train.train_and_evaluate(
       _digits_config(**{'optimizer.grad_accum_steps': 2, 'model.remat': 'full',
-                        'model.scan_layers': True}), str(tmp_path / 'accum_scan'))
+                        'model.scan_layers': True, 'eval_batch_size': 32, 'eval_steps': 1,
+                        'profile.start_step': 1, 'profile.num_steps': 1}),
+      str(tmp_path / 'accum_scan'))
   np.testing.assert_allclose(_train_losses(tmp_path / 'accum_scan'), ref_losses, rtol=1e-5)
   assert other['total_params'] == ref['total_params']
+  assert other['eval']['num_examples'] == ref['eval']['num_examples'] == 32
+  np.testing.assert_allclose(other['eval']['loss'], ref['eval']['loss'], rtol=1e-5)
+  assert glob.glob(str(tmp_path / 'accum_scan' / 'profile' / '**' / '*.xplane.pb'),
+                   recursive=True)
   # bf16 compute, float32 master weights: close to float32 training, not equal to it.
   bf16 = train.train_and_evaluate(_digits_config(**{'model.dtype': 'bfloat16'}),
                                   str(tmp_path / 'bf16'))

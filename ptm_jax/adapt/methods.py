@@ -47,6 +47,14 @@ def applied(adapt_config, *, deterministic: bool = True):
     yield
 
 
+def model_dtype(adapt_config, dtype: str) -> str:
+  """The compute dtype config.model.dtype should have under this method: QLoRA computes in its
+  compute_dtype (bf16) throughout, its dequantised kernels and the rest of the model alike."""
+  if adapt_config.method == 'qlora':
+    return adapt_config.qlora.compute_dtype
+  return dtype
+
+
 def adds_parameters(adapt_config) -> bool:
   config = adapt_config_lib.merged_config(adapt_config)
   return config.method in ADDED_BY_INTERCEPTION

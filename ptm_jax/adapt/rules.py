@@ -118,11 +118,16 @@ def count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def _logical_count(path: str, leaf) -> int:
-  """Parameters a leaf stands for: an NF4 code byte holds two; its block scales hold none."""
-  name = path.rsplit(SEP, 1)[-1]
+def _logical_count(path: str, leaf, flat: dict) -> int:
+  """Parameters a leaf stands for: an NF4 kernel (QLoRA) counts the elements of the kernel it
+  replaced, (..., in) x out as its LoRA branch's A (..., in, r) and B (..., r, out) give them;
+  its block scales count none."""
+  module, _, name = path.rpartition(SEP)
   if name == 'nf4_codes':
-    return 2 * int(np.prod(leaf.shape))
+    a, b = flat.get(f'{module}{SEP}lora_a'), flat.get(f'{module}{SEP}lora_b')
+    if a is not None and b is not None:
+      return int(np.prod(a.shape[:-1])) * int(b.shape[-1])
+    return 2 * int(np.prod(leaf.shape))  # two codes a byte (one of them padding if n is odd)
   return 0 if name.startswith('nf4_') else int(np.prod(leaf.shape))
 
 
@@ -130,7 +135,7 @@ def report(rates: dict[str, float], params) -> dict:
   """{'total_params', 'trainable_params', 'trainable_percent'}: parameters, not stored bytes
   (an NF4 kernel counts its elements)."""
   flat = flatten(params)
-  total = sum(_logical_count(p, v) for p, v in flat.items())
+  total = sum(_logical_count(p, v, flat) for p, v in flat.items())
   trainable = count({p: v for p, v in flat.items() if rates[p] > 0})
   return {'total_params': total, 'trainable_params': trainable,
           'trainable_percent': 100.0 * trainable / max(total, 1)}

@@ -22,14 +22,18 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
 def gelu_exact(x):
-  """GELU with the erf form, as BERT, ViT and torch.nn.GELU() compute it."""
-  return jax.nn.gelu(x, approximate=False)
+  """GELU with the erf form, x / 2 * (1 + erf(x / sqrt(2))), as BERT, ViT and torch.nn.GELU()
+  compute it. Written with erf, as torch does, rather than jax.nn.gelu's erfc (they agree to 1e-6
+  on [-10, 10]): XLA's CPU erf is a short polynomial where erfc needs exp and branches, a tenth
+  of the shakespeare_char step."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
 
 
 def gelu_tanh(x):

@@ -2,7 +2,7 @@
 
 A checkpoint step directory holds two orbax items:
   'state'  the train-state pytree of jax.Arrays (params, optimizer state, step, rng), written by
-           every process for its own shards (StandardSave, OCDBT + zarr);
+           every process for its own shards (orbax's pytree format, OCDBT + zarr);
   'data'   a small JSON dict, e.g. the data iterator's state, so that a resumed run continues with
            the next unseen batch instead of replaying the epoch (JsonSave). orbax writes it from
            process 0 alone, but in a multi-process run each process's iterator is at its own
@@ -100,6 +100,19 @@ def _own_data_state(data_state: Any) -> Any:
   return states[jax.process_index()]
 
 
+def _state_handler() -> 'ocp.PyTreeCheckpointHandler':
+  """orbax's pytree handler (the format StandardSave writes) with replica-parallel writes only
+  across processes.
+
+  Replica-parallel saving splits each replicated array between its replicas so that every host
+  writes a part; within one process it only costs an eagerly compiled slice per array shape
+  (128 compilations, 5.5 s, for a ResNet-18's state on 8 CPU devices).
+  """
+  array_handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+  registry = ocp.type_handlers.create_type_handler_registry((jax.Array, array_handler))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
   """Asynchronous orbax checkpoints of (train state, data state) in one directory.
 
@@ -148,8 +161,9 @@ class Checkpointer:
     self._remove_uncommitted_saves()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE_ITEM, DATA_ITEM))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE_ITEM: _state_handler(), DATA_ITEM: ocp.JsonCheckpointHandler()})
 
   def _remove_uncommitted_saves(self) -> None:
     """Deletes the tmp directories of saves killed before their commit.
@@ -197,7 +211,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.delete(step)
     saved = self._manager.save(
-        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeSave(state),
                                          DATA_ITEM: ocp.args.JsonSave(data_state)}),
         force=True)
     if saved:
@@ -281,8 +295,11 @@ class Checkpointer:
 
   def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, Any]:
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                                         DATA_ITEM: ocp.args.JsonRestore()}))
+        step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeRestore(
+                abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+            DATA_ITEM: ocp.args.JsonRestore()}))
     return restored[STATE_ITEM], restored[DATA_ITEM]
 
   def install_sigterm_handler(self) -> None:

@@ -11,11 +11,12 @@ import ml_collections
 from ptm_jax.adapt import config as adapt_config
 from ptm_jax.data import pipeline
 from ptm_jax.train import optimizers
+from ptm_jax.train import runtime
 
 
 # Config keys that may change between a run and its resumption (the rest must match).
 RESUMABLE_KEYS = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_steps',
-                  'keep_checkpoints')
+                  'keep_checkpoints', 'profile', 'eval_batch_size', 'runtime')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,8 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 500                # 0: evaluate only at the end
   c.eval_steps = 0                  # 0: the whole eval split
+  c.eval_batch_size = 0             # global; 0: batch_size
   c.checkpoint_every = 500          # 0: only at the end and on preemption
   c.keep_checkpoints = 3
+  # A jax.profiler trace of train steps start_step+1 .. start_step+num_steps, written to
+  # DIR/profile (TensorBoard's profile tab or xprof). num_steps 0: no trace.
+  c.profile = ml_collections.ConfigDict({'start_step': 10, 'num_steps': 0})
   # -1: the devices left over. devices: use the first N devices (0 = all), e.g. 1 for a
   # single-device reference run on a multi-device machine.
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'devices': 0})
@@ -43,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = optimizers.default_config()
   c.loss = ml_collections.ConfigDict({'label_smoothing': 0.0})
   c.adapt = adapt_config.default_config()   # which parameters train, and how (ptm_jax.adapt)
+  c.runtime = runtime.default_config()      # CPU device count, XLA flags (ptm_jax.train.runtime)
   return c
 
 

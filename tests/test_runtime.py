@@ -1,0 +1,39 @@
+"""config.runtime (ptm_jax.train.runtime): CPU device count and XLA flags, before JAX starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+
+from ptm_jax.train import runtime
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+def test_a_fresh_process_gets_the_devices_and_flags():
+  script = ('import json, os, jax, ml_collections\n'
+            'from ptm_jax.train import runtime\n'
+            'applied = runtime.configure(ml_collections.ConfigDict(\n'
+            "    {'cpu_devices': 3, 'xla_flags': '--xla_cpu_experimental_ynn_fusion_type='}))\n"
+            "print(json.dumps([applied, len(jax.devices()), os.environ['XLA_FLAGS']]))\n")
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['XLA_FLAGS'] = '--xla_cpu_enable_fast_math=false'   # the user's own flags are kept
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True,
+                       capture_output=True, text=True).stdout
+  applied, devices, flags = json.loads(out.strip().splitlines()[-1])
+  assert applied and devices == 3
+  assert flags == '--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type='
+
+
+def test_a_running_jax_keeps_its_devices_and_says_so(caplog):
+  before = os.environ.get('XLA_FLAGS')
+  assert runtime.configure(runtime.default_config())   # nothing asked: nothing to do
+  jax.devices()  # JAX runs (the test session's 8 devices)
+  asked = ml_collections.ConfigDict({'cpu_devices': 2, 'xla_flags': '--xla_cpu_use_xnnpack=false'})
+  with caplog.at_level('WARNING'):
+    assert not runtime.configure(asked)
+  assert 'runtime.cpu_devices=2' in caplog.text and 'fresh process' in caplog.text
+  assert len(jax.devices()) == 8 and os.environ.get('XLA_FLAGS') == before
