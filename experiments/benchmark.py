@@ -46,12 +46,13 @@ from absl import app, flags, logging  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import ptm_jax  # noqa: E402
 from ptm_jax.models import bert, clip, gpt2, layers, resnet, vit  # noqa: E402
-from ptm_jax.train import hardware, objectives, optimizers  # noqa: E402
+from ptm_jax.train import hardware, objectives, optimizers, runtime  # noqa: E402
 
 MODELS = ('gpt2', 'bert', 'vit', 'resnet', 'clip')
 _TINY_TRANSFORMER = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
@@ -124,6 +125,10 @@ flags.DEFINE_integer('seed', 0, 'Seed of the weights and the batch.', allow_over
 flags.DEFINE_bool('scan_layers', False, 'Ours: one lax.scan over the transformer blocks '
                   '(model.scan_layers in the trainer); the same maths.')
 flags.DEFINE_string('json_out', None, 'Write the result here as well as to stdout.')
+flags.DEFINE_string('xla_flags', '', 'Appended to XLA_FLAGS before JAX starts, e.g. '
+                    '--xla_cpu_experimental_ynn_fusion_type= (YNNPACK dots off on CPU).')
+flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of 3 more steps of ours '
+                    'here (TensorBoard\'s profile tab or xprof).')
 flags.DEFINE_bool('dry_run', False, 'Compile ours only: compile time, memory and FLOPs, no '
                   'timing and no peer.', allow_override=True)
 
@@ -145,6 +150,8 @@ class Options:
   seed: int = 0
   scan_layers: bool = False
   dry_run: bool = False
+  xla_flags: str = ''
+  profile_dir: str = ''
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,6 +538,10 @@ def run(opts: Options) -> dict:
         times_peer.append(_timed(peer)[1])
       logging.info('round %d/%d: ours %.4f s, peer %s s', i + 1, opts.steps, times_ours[-1],
                    f'{times_peer[-1]:.4f}' if times_peer else '-')
+    if opts.profile_dir:  # after the timed rounds, so that tracing does not slow them
+      with jax.profiler.trace(opts.profile_dir):
+        for _ in range(3):
+          ours()
 
   platform_name = device.platform
   peak = hardware.peak_flops(device)
@@ -650,7 +661,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   opts = options_from_flags()
+  runtime.configure(ml_collections.ConfigDict({'cpu_devices': 0, 'xla_flags': opts.xla_flags}))
   record = run(opts)
+  record['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   record['command'] = command_line(opts, FLAGS.json_out)
   text = json.dumps(record, indent=2)
   print(text)

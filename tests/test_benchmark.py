@@ -1,6 +1,7 @@
 """experiments/benchmark.py in its tiny form: the CLI, the JSON schema, and the two sides doing the
 same work (the transformers peer, built from our weights, gives our first losses and logits)."""
 
+import glob
 import json
 import math
 
@@ -31,8 +32,13 @@ def run_main(tmp_path, *args) -> dict:
     ('resnet', 'train', '--image_size=32'),  # BatchNorm statistics updated on both sides
 ])
 def test_tiny_benchmark_against_torch(tmp_path, model, mode, shape):
+  # gpt2 infer also writes a profile of ours.
+  profile = [f'--profile_dir={tmp_path / "profile"}'] if (model, mode) == ('gpt2', 'infer') else []
   record = run_main(tmp_path, f'--model={model}', '--size=tiny', f'--mode={mode}', shape,
-                    '--batch_size=2', '--peer=torch', '--steps=2', '--warmup=2')
+                    '--batch_size=2', '--peer=torch', '--steps=2', '--warmup=2', *profile)
+  if profile:
+    assert glob.glob(str(tmp_path / 'profile' / '**' / '*.xplane.pb'), recursive=True)
+  assert 'xla_flags' in record   # the XLA flags the run had, for reproduction
   assert TOP_KEYS <= set(record)
   assert (record['model'], record['size'], record['mode']) == (model, 'tiny', mode)
   assert record['shape']['batch_size'] == 2
