@@ -415,8 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   config = finalize(config)
   runtime.configure(config.runtime)  # first: CPU device count and XLA flags need a fresh JAX
   config.data = pipeline.merged_config(config.data)
-  config.model.dtype = adapt_methods.model_dtype(adapt_config_lib.merged_config(config.adapt),
-                                                  config.model.dtype)
+  adapt = adapt_config_lib.merged_config(config.adapt)
+  config.model.dtype = adapt_methods.model_dtype(adapt, config.model.dtype)
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -439,7 +439,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   family = (registry.family_of(config.model.name) if not config.init.from_pretrained
             else ptm_jax.hub.pretrained.read_config(ptm_jax.hub.pretrained.resolve(
                 config.init.from_pretrained))['model_type'])
-  adapt = adapt_config_lib.merged_config(config.adapt)
   source_config = source_task_config(config, adapt)
   data_parallel = pipeline.data_parallel_size(mesh)
   source_rows = rehearsal_rows(adapt, config.batch_size, data_parallel)
@@ -603,17 +602,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   train_metrics: dict = {}
   timer_step, timer_t = start, time.time()
   steps_timed, seconds_timed = 0, 0.0
+  profiling = False  # a trace is running (config.profile; a resumed run may start past it)
   try:
     for step in range(start + 1, config.total_steps + 1):
       if config.profile.num_steps and step == config.profile.start_step + 1:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        profiling = True
       batch = next(train_loader)
       state, metrics = train_step_fn(state, batch)
       done = step == config.total_steps
-      if config.profile.num_steps and step == min(
-          config.profile.start_step + config.profile.num_steps, config.total_steps):
+      if profiling and (step == config.profile.start_step + config.profile.num_steps or done):
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+        profiling = False
       if step % config.log_every == 0 or done:
         train_metrics = _scalars(metrics)
         if not math.isfinite(train_metrics['loss']):
