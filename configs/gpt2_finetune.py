@@ -26,9 +26,9 @@ def get_config(arg: str = ''):
   c.data.task = 'causal_lm'
   c.data.eval_split = 'validation'
   c.data.seq_len = 256
-  # Activation memory, not the weights, bounds what fits: every block keeps only its input for
-  # the backward pass and recomputes the rest (as QLoRA's recipe does with gradient
-  # checkpointing), about a third more compute. The blocks run as one lax.scan, which is also
+  # Under LoRA or QLoRA the kept activations, not the weights, bound what fits: every block
+  # keeps only its input for the backward pass and recomputes the rest (as QLoRA's recipe does
+  # with gradient checkpointing), about a third more compute. The blocks run as one lax.scan, which is also
   # what keeps XLA's CPU backend from merging the recomputation back into the forward pass.
   # gradual_unfreeze needs --config.model.scan_layers=False (it unfreezes layer_N by name).
   c.model.remat = 'full'
