@@ -28,9 +28,10 @@ def get_config(arg: str = ''):
   c.data.seq_len = 256
   # Under LoRA or QLoRA the kept activations, not the weights, bound what fits: every block
   # keeps only its input for the backward pass and recomputes the rest (as QLoRA's recipe does
-  # with gradient checkpointing), about a third more compute. The blocks run as one lax.scan, which is also
-  # what keeps XLA's CPU backend from merging the recomputation back into the forward pass.
-  # gradual_unfreeze needs --config.model.scan_layers=False (it unfreezes layer_N by name).
+  # with gradient checkpointing), about a third more compute. The blocks run as one lax.scan,
+  # which is also what keeps XLA's CPU backend from merging the recomputation back into the
+  # forward pass. gradual_unfreeze needs --config.model.scan_layers=False (it unfreezes
+  # layer_N by name).
   c.model.remat = 'full'
   c.model.scan_layers = True
   c.optimizer.name = 'adamw'
