@@ -46,7 +46,6 @@ from absl import app, flags, logging  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -661,7 +660,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   opts = options_from_flags()
-  runtime.configure(ml_collections.ConfigDict({'cpu_devices': 0, 'xla_flags': opts.xla_flags}))
+  settings = runtime.default_config()
+  settings.xla_flags = opts.xla_flags
+  runtime.configure(settings)
   record = run(opts)
   record['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   record['command'] = command_line(opts, FLAGS.json_out)

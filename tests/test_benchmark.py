@@ -38,7 +38,8 @@ def test_tiny_benchmark_against_torch(tmp_path, model, mode, shape):
                     '--batch_size=2', '--peer=torch', '--steps=2', '--warmup=2', *profile)
   if profile:
     assert glob.glob(str(tmp_path / 'profile' / '**' / '*.xplane.pb'), recursive=True)
-  assert 'xla_flags' in record   # the XLA flags the run had, for reproduction
+  # The XLA flags the run had, for reproduction: here the test session's forced device count.
+  assert '--xla_force_host_platform_device_count=8' in record['xla_flags']
   assert TOP_KEYS <= set(record)
   assert (record['model'], record['size'], record['mode']) == (model, 'tiny', mode)
   assert record['shape']['batch_size'] == 2

@@ -80,14 +80,14 @@ def test_gpt2_finetune_keeps_only_block_inputs_for_the_backward_pass(tmp_path):
   play = tmp_path / 'play.txt'
   play.write_text('To be, or not to be, that is the question. ' * 200)
   memory = {}
-  for name, remat, scan in (('recipe', None, None), ('plain', 'none', False)):
+  for name, model_overrides in (('recipe', {}), ('plain', {'remat': 'none', 'scan_layers': False})):
     config = module.get_config('runlocal')
-    if remat is not None:
-      config.model.remat, config.model.scan_layers = remat, scan
+    config.model.update(model_overrides)
     config.data.name, config.data.text_file, config.data.seq_len = '', str(play), 128
     config.model.num_layers = 8   # deep enough that the kept activations dominate
     config.adapt.method = 'lora'
     summary = train.train_and_evaluate(config, str(tmp_path / name), dry_run=True)
     memory[name] = summary['train_step_memory_bytes']
-  assert module.get_config().model.remat == 'full' and module.get_config().model.scan_layers
+  recipe = module.get_config().model
+  assert recipe.remat == 'full' and recipe.scan_layers
   assert memory['recipe'] < 0.6 * memory['plain'], memory
