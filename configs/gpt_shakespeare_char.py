@@ -24,12 +24,10 @@ def get_config(arg: str = ''):
   c.eval_batch_size = 96     # the whole validation split, 1,742 windows, in 19 batches
   # Two CPU devices, data-parallel (6 rows each): XLA runs each device's program on its own
   # thread, which keeps both cores busy through the elementwise work that one device would run
-  # on one thread (40 vs 53 ms a step on 2 cores). YNNPACK's dot kernels are off: on these small
-  # matrices XLA's Eigen dots were faster (the step's dots took 39 ms of thread time with them,
-  # 19 without). In a process where JAX already runs (tests, notebooks) these are left as they
-  # are, and mesh.devices=2 takes two of the devices there.
+  # on one thread (40 vs 53 ms a step on 2 cores). In a process where JAX already runs (tests,
+  # notebooks) the device count is left as it is, and mesh.devices=2 takes two of the devices
+  # there.
   c.runtime.cpu_devices = 2
-  c.runtime.xla_flags = '--xla_cpu_experimental_ynn_fusion_type='
   c.mesh.devices = 2 if args.runlocal else 0
   c.mesh.data = -1
   c.data.task = 'causal_lm'

@@ -124,8 +124,10 @@ flags.DEFINE_integer('seed', 0, 'Seed of the weights and the batch.', allow_over
 flags.DEFINE_bool('scan_layers', False, 'Ours: one lax.scan over the transformer blocks '
                   '(model.scan_layers in the trainer); the same maths.')
 flags.DEFINE_string('json_out', None, 'Write the result here as well as to stdout.')
-flags.DEFINE_string('xla_flags', '', 'Appended to XLA_FLAGS before JAX starts, e.g. '
-                    '--xla_cpu_experimental_ynn_fusion_type= (YNNPACK dots off on CPU).')
+flags.DEFINE_string('xla_flags', runtime.CPU_XLA_FLAGS, 'Appended to XLA_FLAGS before JAX '
+                    'starts; the default is the trainer\'s (runtime.CPU_XLA_FLAGS: XLA\'s Eigen '
+                    'kernels for CPU dots and convolutions, not YNNPACK\'s). --xla_flags= runs '
+                    'XLA\'s own defaults.')
 flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of 3 more steps of ours '
                     'here (TensorBoard\'s profile tab or xprof).')
 flags.DEFINE_bool('dry_run', False, 'Compile ours only: compile time, memory and FLOPs, no '
@@ -149,7 +151,7 @@ class Options:
   seed: int = 0
   scan_layers: bool = False
   dry_run: bool = False
-  xla_flags: str = ''
+  xla_flags: str = runtime.CPU_XLA_FLAGS
   profile_dir: str = ''
 
 

@@ -1,13 +1,20 @@
-"""Test set-up: 8 forced CPU devices (so sharding is real) and exact float32 matmuls."""
+"""Test set-up: 8 forced CPU devices (so sharding is real), the library's CPU kernels, and exact
+float32 matmuls."""
 
 import os
 
-# Must happen before jax is imported anywhere.
+# Before any JAX backend starts.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 import jax  # noqa: E402
+
+from ptm_jax.train import runtime  # noqa: E402
+
+# The library's CPU kernel choice, as the trainer and the benchmark apply it in a fresh process
+# (XLA reads XLA_FLAGS when the first backend starts, not when jax is imported).
+os.environ['XLA_FLAGS'] += ' ' + runtime.CPU_XLA_FLAGS
 
 jax.config.update('jax_default_matmul_precision', 'highest')

@@ -28,12 +28,42 @@ def test_a_fresh_process_gets_the_devices_and_flags():
   assert flags == '--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type='
 
 
+def test_the_default_keeps_cpu_dots_off_ynnpack_in_a_fresh_process():
+  # XLA marks a dot it hands to YNNPACK in the compiled HLO; the default flags must keep it on
+  # XLA's own kernels, and XLA's defaults (runtime.xla_flags='') must still reach YNNPACK.
+  script = ('import json, jax, jax.numpy as jnp, sys\n'
+            'from ptm_jax.train import runtime\n'
+            'settings = runtime.default_config()\n'
+            'settings.xla_flags = sys.argv[1]\n'
+            'assert runtime.configure(settings)\n'
+            'a = jnp.ones((64, 64))\n'
+            'hlo = jax.jit(lambda a: jnp.tanh(a @ a)).lower(a).compile().as_text()\n'
+            "print(json.dumps('ynn' in hlo.lower()))\n")
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  used_ynnpack = {}
+  for flags in (runtime.CPU_XLA_FLAGS, ''):
+    out = subprocess.run([sys.executable, '-c', script, flags], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    used_ynnpack[flags] = json.loads(out.strip().splitlines()[-1])
+  assert used_ynnpack == {runtime.CPU_XLA_FLAGS: False, '': True}
+
+
 def test_a_running_jax_keeps_its_devices_and_says_so(caplog):
   before = os.environ.get('XLA_FLAGS')
-  assert runtime.configure(runtime.default_config())   # nothing asked: nothing to do
+  # The default flags are in this session's XLA_FLAGS already (conftest): nothing to do.
+  assert runtime.configure(runtime.default_config())
   jax.devices()  # JAX runs (the test session's 8 devices)
   asked = ml_collections.ConfigDict({'cpu_devices': 2, 'xla_flags': '--xla_cpu_use_xnnpack=false'})
   with caplog.at_level('WARNING'):
     assert not runtime.configure(asked)
   assert 'runtime.cpu_devices=2' in caplog.text and 'fresh process' in caplog.text
   assert len(jax.devices()) == 8 and os.environ.get('XLA_FLAGS') == before
+
+
+def test_a_running_jax_only_notes_the_default_flags_it_lacks(caplog, monkeypatch):
+  # A notebook whose JAX started without the default flags: told at INFO level, not warned.
+  jax.devices()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  with caplog.at_level('INFO'):
+    assert not runtime.configure(runtime.default_config())
+  assert [r.levelname for r in caplog.records if 'cannot take effect' in r.getMessage()] == ['INFO']
