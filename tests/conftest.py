@@ -18,3 +18,15 @@ from ptm_jax.train import runtime  # noqa: E402
 os.environ['XLA_FLAGS'] += ' ' + runtime.CPU_XLA_FLAGS
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# The longest files first (their --durations totals, longest first). `--dist loadfile` gives each
+# worker whole files in collection order (pyproject: --no-loadscope-reorder); a long file handed
+# out last would leave the other worker idle to the end.
+LONGEST_FILES = ('test_configs.py', 'test_adapters.py', 'test_sharding.py', 'test_adapt_rules.py',
+                 'test_layer_stack.py', 'test_train_step.py', 'test_zoo.py', 'test_lora.py',
+                 'test_transfer_study.py', 'test_multiprocess.py', 'test_fault_tolerance.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable in a file

@@ -19,8 +19,8 @@ import ml_collections
 # YNNPACK's, which XLA's CPU backend uses by default since jax 0.10. On the x86 hosts measured
 # (README: Benchmarks, shakespeare_char) Eigen's were faster or within the run-to-run spread:
 # ResNet-50 inference about 3x, ViT-B/16 training 1.2x, GPT-2 training 1.1x, the shakespeare_char
-# step's dots 19 vs 39 ms of thread time. CPU-only: other backends ignore it. `--config.runtime.xla_flags=` turns YNNPACK
-# back on.
+# step's dots 19 vs 39 ms of thread time. CPU-only: other backends ignore it.
+# `--config.runtime.xla_flags=` turns YNNPACK back on.
 CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type='
 
 
@@ -42,7 +42,10 @@ def _backends_started() -> bool:
 
 
 def configure(runtime: ml_collections.ConfigDict) -> bool:
-  """Applies config.runtime if JAX has not started; returns whether it did (or had nothing to do)."""
+  """Applies config.runtime if JAX has not started; returns whether it did (or had nothing to do).
+
+  Returns False where JAX already runs and the settings differ from its own.
+  """
   wanted = []
   missing = _missing_flags(runtime.xla_flags)
   if runtime.cpu_devices:
