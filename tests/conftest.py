@@ -3,9 +3,6 @@ float32 matmuls."""
 
 import os
 
-# Before any JAX backend starts.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
@@ -13,9 +10,11 @@ import jax  # noqa: E402
 
 from ptm_jax.train import runtime  # noqa: E402
 
-# The library's CPU kernel choice, as the trainer and the benchmark apply it in a fresh process
-# (XLA reads XLA_FLAGS when the first backend starts, not when jax is imported).
-os.environ['XLA_FLAGS'] += ' ' + runtime.CPU_XLA_FLAGS
+# Set before any JAX backend starts (XLA reads XLA_FLAGS then, not when jax is imported): 8 CPU
+# devices, and the library's CPU kernel choice as the trainer and the benchmark apply it.
+os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
+    os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8',
+    runtime.CPU_XLA_FLAGS]))
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
