@@ -236,36 +236,67 @@ def make_steps(module, family: str, config, tx) -> Steps:
                          rngs={'dropout': rng} if train else None)
     return out, extra
 
-  def loss_fn(trainable, constants, extra, batch, train, rng):
+  def objective_terms(trainable, constants, extra, batch, train, rng, reduction='mean'):
+    """(the objective's loss, EWC's term or 0, metrics, extra) of one batch."""
     params = adapt_rules.combine(trainable, constants.get('frozen', {}))
     out, new_extra = forward(params, extra, batch, train, rng)
     kwargs = dict(options)
     if objective_name == 'contrastive':
       kwargs['logit_scale'] = params['logit_scale']
+    if reduction != 'mean':
+      kwargs['reduction'] = reduction
     loss, metrics = objective(out, batch, **kwargs)
+    ewc_term = 0.0
     if train and 'ewc' in constants:
       # EWC: weight / 2 * sum F (theta - theta*)^2 keeps what mattered for the source task.
       ewc_penalty = ewc.penalty(trainable, constants['ewc']['anchor'], constants['ewc']['fisher'])
       metrics = dict(metrics, ewc_penalty=ewc_penalty)
-      loss = loss + 0.5 * adapt.ewc.weight * ewc_penalty
-    return loss, (metrics, new_extra)
+      ewc_term = 0.5 * adapt.ewc.weight * ewc_penalty
+    return loss, ewc_term, metrics, new_extra
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def loss_fn(trainable, constants, extra, batch, train, rng):
+    loss, ewc_term, metrics, extra = objective_terms(trainable, constants, extra, batch, train, rng)
+    return loss + ewc_term, (metrics, extra)
+
+  # The gradient is taken of a sum where the objective has one (objectives.SUM_REDUCIBLE) and
+  # divided by the batch's count of examples or tokens afterwards: the same gradient as the
+  # mean's, but the count's all-reduce over the data axes no longer holds up the backward pass.
+  # weight: that count (1 for the objectives differentiated as a mean).
+  count_key = objectives.SUM_REDUCIBLE.get(objective_name)
+
+  def grad_target(trainable, constants, extra, batch, rng):
+    """(target, (loss, metrics, extra, weight)): grad(target) / weight is grad(loss)."""
+    if count_key is None:
+      loss, (metrics, extra) = loss_fn(trainable, constants, extra, batch, True, rng)
+      return loss, (loss, metrics, extra, jnp.float32(1.0))
+    loss_sum, ewc_term, metrics, extra = objective_terms(trainable, constants, extra, batch,
+                                                         True, rng, reduction='sum')
+    weight = metrics[count_key].astype(jnp.float32)
+    # With no scored label (weight 0) the whole gradient is 0, EWC's included: no data, no step.
+    return loss_sum + weight * ewc_term, (metrics['loss'] + ewc_term, metrics, extra, weight)
+
+  grad_fn = jax.value_and_grad(grad_target, has_aux=True)
   accum_steps = int(config.optimizer.grad_accum_steps)
   if accum_steps > 1 and objective_name == 'contrastive':
     raise ValueError('optimizer.grad_accum_steps > 1 would shrink the contrastive loss\'s '
                      'negatives to one micro-batch; use a larger batch over more devices instead.')
-  # Micro-batch weight: its count of examples or tokens, so that the accumulated gradient is
-  # the full batch's (mean over all tokens, padding excluded). MLM + NSP averages two losses with
-  # different counts; its micro-batches are weighted equally (as BERT's own code does).
-  weight_key = objectives.MERGE_WEIGHTS[objective_name]
-  weight_key = weight_key if isinstance(weight_key, str) else None
+
+  def normalised(grads_sum, weight_sum):
+    if count_key is None and accum_steps == 1:
+      return grads_sum  # weight 1
+    return jax.tree.map(lambda g: g / jnp.where(weight_sum > 0, weight_sum, 1.0), grads_sum)
 
   def accumulated_grads(params, constants, extra, batch, rng):
-    """loss, metrics, extra and gradients of the batch, in accum_steps micro-batches."""
+    """loss, metrics, extra and gradients of the batch, in accum_steps micro-batches.
+
+    Micro-batches are weighted by their counts of examples or tokens, so that the accumulated
+    gradient is the full batch's (the mean over all its tokens, padding excluded). MLM + NSP
+    averages two losses with different counts; its micro-batches are weighted equally (as
+    BERT's own code does).
+    """
     if accum_steps == 1:
-      (loss, (metrics, extra)), grads = grad_fn(params, constants, extra, batch, True, rng)
-      return loss, metrics, extra, grads
+      (_, (loss, metrics, extra, weight)), grads = grad_fn(params, constants, extra, batch, rng)
+      return loss, metrics, extra, normalised(grads, weight)
 
     def split(x):  # (B, ...) -> (k, B/k, ...); micro-batch i takes rows i, i+k, ... so each
       # device's rows stay on that device.
@@ -274,10 +305,9 @@ def make_steps(module, family: str, config, tx) -> Steps:
     def body(carry, i_and_micro):
       i, micro = i_and_micro
       grads_sum, weight_sum, metrics_sum, extra = carry
-      (loss, (metrics, extra)), grads = grad_fn(params, constants, extra, micro, True,
-                                                jax.random.fold_in(rng, i))
-      w = metrics[weight_key].astype(jnp.float32) if weight_key else jnp.float32(1.0)
-      grads_sum = jax.tree.map(lambda a, g: a + w * g, grads_sum, grads)
+      (_, (loss, metrics, extra, w)), grads = grad_fn(params, constants, extra, micro,
+                                                      jax.random.fold_in(rng, i))
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       # Counts (num_*) add up; every other metric is a weighted mean.
       metrics_sum = {k: metrics_sum[k] + (v if k.startswith('num_') else w * v)
                      for k, v in dict(metrics, loss=loss).items()}
@@ -285,14 +315,13 @@ def make_steps(module, family: str, config, tx) -> Steps:
 
     micro_batches = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    metric_shapes = jax.eval_shape(
-        lambda: grad_fn(params, constants, extra, first, True, rng)[0][1][0])
+    metric_shapes = jax.eval_shape(lambda: grad_fn(params, constants, extra, first, rng)[0][1][1])
     metric_zeros = {k: jnp.zeros(m.shape, jnp.float32) for k, m in metric_shapes.items()}
     metric_zeros['loss'] = jnp.float32(0.0)
     (grads_sum, weight_sum, metrics_sum, extra), _ = jax.lax.scan(
         body, (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), metric_zeros, extra),
         (jnp.arange(accum_steps), micro_batches))
-    grads = jax.tree.map(lambda g: g / weight_sum, grads_sum)
+    grads = normalised(grads_sum, weight_sum)
     metrics = {k: v if k.startswith('num_') else v / weight_sum for k, v in metrics_sum.items()}
     loss = metrics.pop('loss')
     return loss, metrics, extra, grads

@@ -327,3 +327,33 @@ def test_contrastive_objective_on_clip_matches_its_own_logits():
   with pytest.raises(ValueError, match='needs both image_embeds and text_embeds'):
     obj.OBJECTIVES['contrastive'](out.replace(image_embeds=None), inputs,
                                   logit_scale=params['logit_scale'])
+
+
+@pytest.mark.parametrize('name', sorted(obj.SUM_REDUCIBLE))
+def test_sum_reduction_is_the_mean_times_the_count(name):
+  """The trainer differentiates reduction='sum' and divides by SUM_REDUCIBLE's count."""
+  logits = random_logits(3, 7, 11, seed=20)
+  labels = random_labels((3, 7), 11, ignored_fraction=0.4, seed=21)
+  if name == 'classification':
+    batch, out = {'label': labels}, outputs.ClassifierOutput(logits=logits)
+  else:
+    batch, out = {'labels': labels}, outputs.CausalLMOutput(logits=logits)
+  objective = jax.jit(obj.OBJECTIVES[name], static_argnames='reduction')
+  mean, mean_metrics = objective(out, batch)
+  total, sum_metrics = objective(out, batch, reduction='sum')
+  count = sum_metrics[obj.SUM_REDUCIBLE[name]]
+  assert int(count) == int(np.sum(labels != obj.IGNORE_INDEX)) > 0
+  np.testing.assert_allclose(total, float(mean) * int(count), rtol=1e-6)
+  for key in mean_metrics:  # the metrics stay the mean's
+    np.testing.assert_allclose(sum_metrics[key], mean_metrics[key], rtol=1e-7)
+  with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+    obj.OBJECTIVES[name](out, batch, reduction='total')
+
+
+def test_counts_are_exact_on_both_sides_of_float32s_range():
+  """Counts below 2**24 are summed in float32 (one all-reduce with the gradients), larger ones
+  in int32, where float32 would round 2**24 + 1 down."""
+  small = np.zeros(2**24 - 1, bool)
+  small[::3] = True
+  assert int(jax.jit(obj._count)(small)) == int(small.sum())
+  assert int(jax.jit(obj._count)(np.ones(2**24 + 1, bool))) == 2**24 + 1

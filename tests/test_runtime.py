@@ -48,6 +48,30 @@ def test_the_default_keeps_cpu_dots_off_ynnpack_in_a_fresh_process():
   assert used_ynnpack == {runtime.CPU_XLA_FLAGS: False, '': True}
 
 
+def test_the_compilation_cache_is_written_and_read_back(tmp_path):
+  script = ('import json, sys, jax\n'
+            'from ptm_jax.train import runtime\n'
+            'settings = runtime.default_config()\n'
+            'settings.compilation_cache_dir = sys.argv[1]\n'
+            'assert runtime.configure(settings)\n'
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            'hits = []\n'
+            'jax.monitoring.register_event_listener(\n'
+            "    lambda event, **kw: hits.append(event) if 'cache_hits' in event else None)\n"
+            'jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()\n'
+            'print(json.dumps([jax.config.jax_compilation_cache_dir, len(hits)]))\n')
+  cache = tmp_path / 'xla_cache'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  runs = []
+  for _ in range(2):
+    out = subprocess.run([sys.executable, '-c', script, str(cache)], cwd=ROOT, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    runs.append(json.loads(out.strip().splitlines()[-1]))
+  assert [path for path, _ in runs] == [str(cache)] * 2
+  assert os.listdir(cache)
+  assert runs[0][1] == 0 and runs[1][1] > 0, runs  # the second process compiled nothing
+
+
 def test_a_running_jax_keeps_its_devices_and_says_so(caplog):
   before = os.environ.get('XLA_FLAGS')
   # The default flags are in this session's XLA_FLAGS already (conftest): nothing to do.

@@ -31,17 +31,44 @@ def _lm_batch(batch_size=8, length=12, seed=0):
   return {'input_ids': ids, 'labels': labels}
 
 
-def _steps(accum_steps):
+LEARNING_RATE = 0.5
+
+
+def _steps(accum_steps, return_loss=False):
   config = finalize(base_config())
   config.data.task = 'causal_lm'
   config.optimizer.grad_accum_steps = accum_steps
   module = gpt2.GPT2(TINY_GPT2, head='lm')
-  tx = optax.sgd(0.5)  # linear in the gradient: Adam would magnify float noise in tiny ones
-  train_step = train.make_steps(module, 'gpt2', config, tx).train
+  # SGD: linear in the gradient; Adam would magnify float noise in tiny ones.
+  tx = optax.sgd(LEARNING_RATE)
+  steps = train.make_steps(module, 'gpt2', config, tx)
   params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))['params']
   state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params), 'extra': {},
            'rng': jax.random.key(1)}
-  return jax.jit(lambda state, batch: train_step(state, {}, batch)), state  # nothing frozen
+  step = jax.jit(lambda state, batch: steps.train(state, {}, batch))  # nothing frozen
+  return (step, state, steps.loss) if return_loss else (step, state)
+
+
+def test_the_step_follows_the_gradient_of_the_mean_loss():
+  """The step differentiates the summed token losses and divides by the count afterwards
+  (objectives.SUM_REDUCIBLE): its update must be that of the mean loss's gradient. A batch with
+  no scored token gives loss 0 and no update, not NaN."""
+  step, state, loss_fn = _steps(1, return_loss=True)
+  batch = _lm_batch(seed=3)
+  mean_loss = lambda p: loss_fn(p, {}, {}, batch, True, jax.random.key(0))[0]
+  loss, grads = jax.jit(jax.value_and_grad(mean_loss))(state['params'])
+  new_state, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics['grad_norm'], optax.tree.norm(grads), rtol=1e-5)
+  jax.tree.map(lambda new, old, g: np.testing.assert_allclose(
+      new, old - LEARNING_RATE * g, rtol=1e-5, atol=1e-7),
+      new_state['params'], state['params'], grads)
+
+  unscored = dict(batch, labels=np.full_like(batch['labels'], objectives.IGNORE_INDEX))
+  new_state, metrics = step(state, unscored)
+  assert float(metrics['loss']) == 0.0 and int(metrics['num_tokens']) == 0
+  assert float(metrics['grad_norm']) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, new_state['params'], state['params'])
 
 
 def test_gradient_accumulation_equals_one_big_batch():

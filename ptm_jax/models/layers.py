@@ -91,10 +91,10 @@ def _cotangent_barrier_jvp(primals, tangents):
     return x, t
 
   def cpu(t):
-    # (bits | 1) != 0 always holds; XLA does not fold it, so the conditional stays.
-    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0],
-                                        jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
-    keep = (bits | jnp.ones_like(bits)) != jnp.zeros_like(bits)
+    # A constant true that XLA cannot see through, so the conditional stays. It is a constant
+    # on every device: a predicate read from x would be an element of a batch-sharded array,
+    # which each step would broadcast from its device to the others before the backward pass.
+    keep = jax.lax.optimization_barrier(jnp.bool_(True))
     return jax.lax.cond(keep, lambda t: t, jnp.zeros_like, t)
 
   return x, jax.lax.platform_dependent(t, cpu=cpu, default=lambda t: t)

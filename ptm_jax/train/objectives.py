@@ -39,17 +39,37 @@ RECALL_AT = (1, 5)
 Metrics = dict[str, jax.Array]
 
 
-def weighted_mean(values, weights) -> jax.Array:
-  """sum(values * weights) / sum(weights) as a float32 scalar; 0, not NaN, if the weights sum to 0.
+def weighted_sum(values, weights) -> jax.Array:
+  """sum(values * weights) as a float32 scalar, leaving out the entries of weight 0 even where
+  their value is inf or NaN, as the loss at an ignored position may be.
 
-  values and weights (non-negative) broadcast together. Entries of weight 0 are left out even
-  where their value is inf or NaN, as the loss at an ignored position may be.
+  values and weights (non-negative) broadcast together.
   """
   values, weights = jnp.broadcast_arrays(jnp.asarray(values, jnp.float32),
                                          jnp.asarray(weights, jnp.float32))
-  total = jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+  return jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+
+
+def weighted_mean(values, weights) -> jax.Array:
+  """sum(values * weights) / sum(weights) as a float32 scalar; 0, not NaN, if the weights sum to 0.
+
+  values and weights (non-negative) broadcast together. Entries of weight 0 are left out (see
+  weighted_sum).
+  """
+  values, weights = jnp.broadcast_arrays(jnp.asarray(values, jnp.float32),
+                                         jnp.asarray(weights, jnp.float32))
+  total = weighted_sum(values, weights)
   weight_sum = jnp.sum(weights)
   return jnp.where(weight_sum > 0, total / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
+
+
+def _reduced(losses, scored, reduction: str) -> jax.Array:
+  """The loss over the scored positions: their mean, or their sum (see SUM_REDUCIBLE)."""
+  if reduction == 'mean':
+    return weighted_mean(losses, scored)
+  if reduction == 'sum':
+    return weighted_sum(losses, scored)
+  raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
 
 
 def check_labels(labels, num_classes: int, name: str = 'labels') -> None:
@@ -117,12 +137,26 @@ def _cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return loss, scored, correct
 
 
+# float32 holds every integer up to 2**24 exactly.
+_F32_EXACT_COUNT = 2**24
+
+
 def _count(mask) -> jax.Array:
+  """The number of true entries of mask, an int32 scalar.
+
+  Summed in float32 where that is exact (fewer than 2**24 entries): a count of a batch sharded
+  over devices is a cross-device sum, and XLA can fuse a float32 one into the all-reduce of the
+  float32 gradients, where an int32 one would be one more all-reduce (one more wait for every
+  device) in each train step.
+  """
+  if mask.size < _F32_EXACT_COUNT:
+    return jnp.sum(mask, dtype=jnp.float32).astype(jnp.int32)
   return jnp.sum(mask, dtype=jnp.int32)
 
 
 def classification_loss(logits, labels, *, label_smoothing: float = 0.0,
-                        num_classes: int | None = None) -> tuple[jax.Array, Metrics]:
+                        num_classes: int | None = None,
+                        reduction: str = 'mean') -> tuple[jax.Array, Metrics]:
   """Softmax cross-entropy of class logits against int labels, averaged over scored labels.
 
   Args:
@@ -132,6 +166,8 @@ def classification_loss(logits, labels, *, label_smoothing: float = 0.0,
     label_smoothing: a Python float in [0, 1], as torch's cross_entropy(label_smoothing=...).
     num_classes: if given, the number of classes the labels are for; it must equal K (catches a
       head built for another dataset).
+    reduction: 'mean' (the default) or 'sum': the returned loss is then the sum over the scored
+      labels, metrics['loss'] still their mean (see SUM_REDUCIBLE).
 
   Returns:
     loss, a float32 scalar, and metrics {'loss', 'accuracy', 'num_examples'}: loss and
@@ -149,17 +185,19 @@ def classification_loss(logits, labels, *, label_smoothing: float = 0.0,
   _check_concrete_labels(labels, logits.shape[-1], 'labels')
   losses, scored, correct = _cross_entropy(logits, labels, label_smoothing)
   loss = weighted_mean(losses, scored)
-  return loss, {'loss': loss, 'accuracy': weighted_mean(correct, scored),
-                'num_examples': _count(scored)}
+  return _reduced(losses, scored, reduction), {
+      'loss': loss, 'accuracy': weighted_mean(correct, scored), 'num_examples': _count(scored)}
 
 
-def causal_lm_loss(logits, labels) -> tuple[jax.Array, Metrics]:
+def causal_lm_loss(logits, labels, *, reduction: str = 'mean') -> tuple[jax.Array, Metrics]:
   """Next-token cross-entropy, averaged over the tokens that are not ignored.
 
   Args:
     logits: (B, T, V), any float dtype.
     labels: int (B, T), the token each position predicts (shifted by the data pipeline);
       IGNORE_INDEX (-100) at padding and at positions with no next token.
+    reduction: 'mean' (the default) or 'sum': the returned loss is then the sum over the scored
+      tokens, metrics['loss'] still their mean (see SUM_REDUCIBLE).
 
   Returns:
     loss, a float32 scalar, and metrics {'loss', 'perplexity', 'accuracy', 'num_tokens'}:
@@ -174,8 +212,9 @@ def causal_lm_loss(logits, labels) -> tuple[jax.Array, Metrics]:
   _check_concrete_labels(labels, logits.shape[-1], 'labels')
   losses, scored, correct = _cross_entropy(logits, labels)
   loss = weighted_mean(losses, scored)
-  return loss, {'loss': loss, 'perplexity': jnp.exp(loss),
-                'accuracy': weighted_mean(correct, scored), 'num_tokens': _count(scored)}
+  return _reduced(losses, scored, reduction), {
+      'loss': loss, 'perplexity': jnp.exp(loss), 'accuracy': weighted_mean(correct, scored),
+      'num_tokens': _count(scored)}
 
 
 def mlm_nsp_loss(prediction_logits, seq_relationship_logits, mlm_labels,
@@ -299,18 +338,21 @@ def _check_outputs(outputs, types: tuple[type, ...], objective: str, produced_by
 
 
 def classification_objective(outputs, batch, *, label_smoothing: float = 0.0,
-                             num_classes: int | None = None) -> tuple[jax.Array, Metrics]:
+                             num_classes: int | None = None,
+                             reduction: str = 'mean') -> tuple[jax.Array, Metrics]:
   """classification_loss of ClassifierOutput.logits against batch['label']."""
   _check_outputs(outputs, (model_outputs.ClassifierOutput,), 'classification',
                  'a classification head of BERT, ViT or ResNet')
   return classification_loss(outputs.logits, _batch_field(batch, 'label', 'classification'),
-                             label_smoothing=label_smoothing, num_classes=num_classes)
+                             label_smoothing=label_smoothing, num_classes=num_classes,
+                             reduction=reduction)
 
 
-def causal_lm_objective(outputs, batch) -> tuple[jax.Array, Metrics]:
+def causal_lm_objective(outputs, batch, *, reduction: str = 'mean') -> tuple[jax.Array, Metrics]:
   """causal_lm_loss of CausalLMOutput.logits against batch['labels']."""
   _check_outputs(outputs, (model_outputs.CausalLMOutput,), 'causal_lm', "GPT-2's LM head")
-  return causal_lm_loss(outputs.logits, _batch_field(batch, 'labels', 'causal_lm'))
+  return causal_lm_loss(outputs.logits, _batch_field(batch, 'labels', 'causal_lm'),
+                        reduction=reduction)
 
 
 def mlm_nsp_objective(outputs, batch) -> tuple[jax.Array, Metrics]:
@@ -354,6 +396,16 @@ OBJECTIVES: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
     'causal_lm': causal_lm_objective,
     'mlm_nsp': mlm_nsp_objective,
     'contrastive': contrastive_objective,
+}
+
+# The objectives that take reduction='sum' -> the count metric their mean divides the sum by.
+# A trainer differentiates the sum and divides the gradient by the count afterwards: the count of
+# a batch sharded over devices is a sum over all of them, and the mean's gradient needs it before
+# the backward pass can start (one more cross-device wait inside every step); the sum's gradient
+# does not, and the count's all-reduce runs alongside the backward pass.
+SUM_REDUCIBLE: dict[str, str] = {
+    'classification': 'num_examples',
+    'causal_lm': 'num_tokens',
 }
 
 # name -> the count each of its mean metrics is weighted by when eval batches are merged.
