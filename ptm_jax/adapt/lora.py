@@ -42,6 +42,7 @@ import ml_collections
 from ptm_jax.adapt import config as adapt_config_lib
 from ptm_jax.adapt import nf4
 from ptm_jax.adapt import rules
+from ptm_jax.models import layers
 
 NF4_PREFIX = 'nf4_'
 _DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}
@@ -163,7 +164,7 @@ def _conv(spec: LowRank, module: nn.Conv, x, deterministic: bool, next_fun):
   strides = module.strides or (1,) * len(kernel_size)
   strides = (strides,) * len(kernel_size) if isinstance(strides, int) else tuple(strides)
   padding = nn.linear.canonicalize_padding(module.padding, len(kernel_size))
-  h = jax.lax.conv_general_dilated(
+  h = layers.conv_general_dilated(  # a 1x1 kernel's as a dot, as the base convolution's
       _dropout(module, x, spec.dropout, deterministic).astype(dtype), a.astype(dtype),
       window_strides=strides, padding=padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=module.precision)

@@ -305,6 +305,58 @@ class TransformerBlock(nn.Module):
     return ln(name='ln_mlp')(x_BxTxD + drop(mlp(x_BxTxD)))
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _is_zero_padding(padding) -> bool:
+  if isinstance(padding, str):
+    return padding.upper() == 'VALID'
+  return all(tuple(pair) == (0, 0) for pair in padding)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, computed as one dot where the convolution is a matmul.
+
+  Two convolutions are matmuls over the channels: a 1x1 kernel (after the stride's subsampling)
+  and non-overlapping patches (kernel == stride, no padding: ViT's patch embedding). Written as
+  dots, their gradients are dots too. XLA's CPU backend computes a convolution's kernel
+  gradient with a slow generic kernel: on ResNet-50's 1x1 convolutions 2-6x slower than the
+  same sum as a dot (README: Benchmarks). Any other convolution goes to lax unchanged. The sums
+  are the same; only their order may differ (float rounding).
+
+  Shapes (2-D, flax's layout): lhs (N, H, W, C), rhs (kh, kw, C, O) -> (N, H', W', O). Takes
+  nn.Conv's `conv_general_dilated` arguments, so `nn.Conv(..., conv_general_dilated=this)`.
+  """
+  conv = functools.partial(
+      jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
+  if lhs.ndim != 4 or feature_group_count != 1 or not _is_zero_padding(padding):
+    return conv()
+  if dimension_numbers is None or (jax.lax.conv_dimension_numbers(  # None: lax's NCHW
+      lhs.shape, rhs.shape, dimension_numbers) != jax.lax.conv_dimension_numbers(
+          lhs.shape, rhs.shape, _NHWC)):
+    return conv()
+  if any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+    return conv()
+  kh, kw, _, _ = rhs.shape
+  sh, sw = window_strides
+  dot = functools.partial(jax.lax.dot_general, precision=precision,
+                          preferred_element_type=preferred_element_type)
+  if (kh, kw) == (1, 1):
+    x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
+    return dot(x, rhs[0, 0], (((3,), (0,)), ((), ())))
+  if (kh, kw) == (sh, sw):
+    n, h, w, c = lhs.shape
+    ho, wo = h // kh, w // kw   # VALID drops the rows and columns past the last whole patch
+    patches = lhs[:, :ho * kh, :wo * kw, :].reshape(n, ho, kh, wo, kw, c)
+    return dot(patches, rhs, (((2, 4, 5), (0, 1, 2)), ((), ())))
+  return conv()
+
+
 class PatchEmbedding(nn.Module):
   """Non-overlapping patches: a conv whose stride is its kernel, (B, H, W, C) -> (B, P, D)."""
   patch_size: int
@@ -323,6 +375,7 @@ class PatchEmbedding(nn.Module):
                        f'crop the images to a multiple of {p}.')
     x = nn.Conv(self.features, (p, p), strides=(p, p), padding='VALID', use_bias=self.use_bias,
                 dtype=self.dtype, param_dtype=self.param_dtype, name='projection',
+                conv_general_dilated=conv_general_dilated,
                 kernel_init=nn.with_logical_partitioning(
                     normal(self.init_std), (None, None, 'conv_in', 'embed')),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(
