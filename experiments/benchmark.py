@@ -3,7 +3,7 @@ r"""Throughput of our compiled steps, and of the transformers PyTorch model of t
   python -m experiments.benchmark --model=gpt2|bert|vit|resnet|clip [--size=...] \
       --mode=train|infer [--batch_size=N] [--seq_len=N | --image_size=N] [--peer=torch] \
       [--dtype=float32|bfloat16] [--attention=auto|xla|cudnn] [--steps=N] [--warmup=N] \
-      [--json_out=FILE] [--dry_run]
+      [--json_out=FILE] [--dry_run] [--malloc=retain|default]
 
 What runs, on both sides, from one random initialisation (ours; no download):
   gpt2    GPT2LMHeadModel, causal-LM loss over the B x (T - 1) next tokens
@@ -27,12 +27,17 @@ results are on the device (jax.block_until_ready; torch.cuda.synchronize on a GP
 
 Defaults (the issue's shapes): gpt2 small, 4 x 256 tokens; bert base, 8 x 128; vit b16 and
 resnet 50, 8 images of 224 x 224; clip b32, 8 images of 224 x 224 + 8 texts of 77 tokens.
+
+Memory: the command line runs both sides under glibc malloc settings that keep freed memory for
+reuse (--malloc=retain, RETAIN_MALLOC: the process re-executes itself with GLIBC_TUNABLES set);
+the JSON's "malloc" says which settings the run had.
 """
 
 import dataclasses
 import datetime
 import json
 import os
+import sys
 import platform
 import statistics
 import tempfile
@@ -128,6 +133,9 @@ flags.DEFINE_string('xla_flags', runtime.CPU_XLA_FLAGS, 'Appended to XLA_FLAGS b
                     'starts; the default is the trainer\'s (runtime.CPU_XLA_FLAGS: XLA\'s Eigen '
                     'kernels for CPU dots and convolutions, not YNNPACK\'s). --xla_flags= runs '
                     'XLA\'s own defaults.')
+flags.DEFINE_enum('malloc', 'retain', ('retain', 'default'), 'glibc malloc settings of the '
+                  'process (both sides): retain = one arena that keeps freed memory for reuse '
+                  '(RETAIN_MALLOC); default = glibc\'s own.')
 flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of 3 more steps of ours '
                     'here (TensorBoard\'s profile tab or xprof).')
 flags.DEFINE_bool('dry_run', False, 'Compile ours only: compile time, memory and FLOPs, no '
@@ -658,6 +666,32 @@ def command_line(opts: Options, json_out: str | None) -> str:
   return ' '.join(words)
 
 
+# --malloc=retain: glibc's malloc with one arena, no mmap'd chunks and no trimming, so that
+# memory a step frees is reused by the next step instead of going back to the kernel. With
+# glibc's defaults each side page-faulted in 1.3-1.8 GB every step here (gpt2 train: ours 440k
+# minor faults, 1-4 s of kernel time a step, the most right after the peer's step; torch's 330k),
+# and which side paid more depended on the order of the two (README: Benchmarks). Both sides
+# run under the same settings. glibc reads them only at process start: main() re-executes the
+# process with them set.
+RETAIN_MALLOC = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+                 'glibc.malloc.trim_threshold=68719476736')
+
+
+def _exec_with_malloc(setting: str) -> None:
+  """Re-executes this command under GLIBC_TUNABLES=RETAIN_MALLOC ('retain') unless it runs so."""
+  if (setting != 'retain' or not sys.platform.startswith('linux')
+      or os.environ.get('GLIBC_TUNABLES') == RETAIN_MALLOC):
+    return
+  if os.environ.get('GLIBC_TUNABLES'):
+    raise ValueError(f'GLIBC_TUNABLES is set ({os.environ["GLIBC_TUNABLES"]!r}): unset it, or '
+                     'pass --malloc=default to keep it.')
+  sys.stdout.flush()
+  sys.stderr.flush()
+  env = dict(os.environ, GLIBC_TUNABLES=RETAIN_MALLOC)
+  program = ['-m', __spec__.name] if __spec__ is not None else [sys.argv[0]]
+  os.execve(sys.executable, [sys.executable, *program, *sys.argv[1:]], env)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -667,7 +701,11 @@ def main(argv):
   runtime.configure(settings)
   record = run(opts)
   record['xla_flags'] = os.environ.get('XLA_FLAGS', '')
-  record['command'] = command_line(opts, FLAGS.json_out)
+  tunables = os.environ.get('GLIBC_TUNABLES')
+  record['malloc'] = {'setting': 'retain' if tunables == RETAIN_MALLOC else 'default',
+                      'glibc_tunables': tunables}
+  record['command'] = command_line(opts, FLAGS.json_out) + (
+      '' if FLAGS.malloc == 'retain' else f' --malloc={FLAGS.malloc}')
   text = json.dumps(record, indent=2)
   print(text)
   if FLAGS.json_out:
@@ -676,5 +714,10 @@ def main(argv):
       f.write(text + '\n')
 
 
+def _command_line_main(argv):
+  _exec_with_malloc(FLAGS.malloc)  # the command line's process only, never an importer's
+  main(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(_command_line_main)

@@ -92,3 +92,30 @@ def test_gpt2_analytic_flops_match_xla():
 def test_unknown_size_is_refused():
   with pytest.raises(ValueError, match='Unknown --size'):
     benchmark.model_config('vit', 'b17', None, 224)
+
+
+def test_the_command_line_runs_under_the_retaining_malloc(tmp_path):
+  """`python -m experiments.benchmark` re-executes itself with RETAIN_MALLOC (both sides'
+  allocator); --malloc=default keeps glibc's, and a user's own GLIBC_TUNABLES are not overridden."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), '..')
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+
+  def cli(*flags, extra_env=None):
+    out = tmp_path / 'cli.json'
+    subprocess.run([sys.executable, '-m', 'experiments.benchmark', '--model=gpt2', '--size=tiny',
+                    '--seq_len=16', '--batch_size=2', '--dry_run', f'--json_out={out}', *flags],
+                   cwd=root, env={**env, **(extra_env or {})}, check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+  record = cli()
+  assert record['malloc'] == {'setting': 'retain', 'glibc_tunables': benchmark.RETAIN_MALLOC}
+  assert '--malloc' not in record['command']
+  record = cli('--malloc=default')
+  assert record['malloc'] == {'setting': 'default', 'glibc_tunables': None}
+  assert record['command'].endswith('--malloc=default')
+  with pytest.raises(subprocess.CalledProcessError) as failure:
+    cli(extra_env={'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+  assert 'GLIBC_TUNABLES is set' in failure.value.stderr.decode()
