@@ -654,7 +654,7 @@ def options_from_flags() -> Options:
   return Options(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Options)})
 
 
-def command_line(opts: Options, json_out: str | None) -> str:
+def command_line(opts: Options, json_out: str | None, malloc: str = 'retain') -> str:
   """The command that reproduces `opts` (the flags that differ from their defaults)."""
   words = ['python -m experiments.benchmark', f'--model={opts.model}', f'--mode={opts.mode}']
   for field in dataclasses.fields(Options):
@@ -663,6 +663,8 @@ def command_line(opts: Options, json_out: str | None) -> str:
       words.append(f'--{field.name}={value}')
   if json_out:
     words.append(f'--json_out={json_out}')
+  if malloc != 'retain':
+    words.append(f'--malloc={malloc}')
   return ' '.join(words)
 
 
@@ -704,8 +706,7 @@ def main(argv):
   tunables = os.environ.get('GLIBC_TUNABLES')
   record['malloc'] = {'setting': 'retain' if tunables == RETAIN_MALLOC else 'default',
                       'glibc_tunables': tunables}
-  record['command'] = command_line(opts, FLAGS.json_out) + (
-      '' if FLAGS.malloc == 'retain' else f' --malloc={FLAGS.malloc}')
+  record['command'] = command_line(opts, FLAGS.json_out, FLAGS.malloc)
   text = json.dumps(record, indent=2)
   print(text)
   if FLAGS.json_out:

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from experiments import train
 from ptm_jax.models import gpt2, registry
@@ -69,6 +71,20 @@ def test_the_step_follows_the_gradient_of_the_mean_loss():
   assert float(metrics['loss']) == 0.0 and int(metrics['num_tokens']) == 0
   assert float(metrics['grad_norm']) == 0.0
   jax.tree.map(np.testing.assert_array_equal, new_state['params'], state['params'])
+
+
+def test_a_data_parallel_step_waits_on_one_all_reduce():
+  """Data-parallel over 8 devices, the compiled step has one all-reduce: the gradients, the
+  summed loss and the float32 token count together. (The mean's int32 count and a barrier
+  predicate read from the activations each added one that held up the backward pass.)"""
+  step, state = _steps(1)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  batch = jax.device_put(_lm_batch(), NamedSharding(mesh, PartitionSpec('data')))
+  state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+  hlo = step.lower(state, batch).compile().as_text()
+  all_reduces = [line for line in hlo.splitlines()
+                 if re.search(r'= .* all-reduce(-start)?\(', line)]
+  assert len(all_reduces) == 1, '\n'.join(line[:160] for line in all_reduces)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

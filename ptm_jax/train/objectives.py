@@ -58,18 +58,21 @@ def weighted_mean(values, weights) -> jax.Array:
   """
   values, weights = jnp.broadcast_arrays(jnp.asarray(values, jnp.float32),
                                          jnp.asarray(weights, jnp.float32))
-  total = weighted_sum(values, weights)
-  weight_sum = jnp.sum(weights)
+  return _mean_of(weighted_sum(values, weights), jnp.sum(weights))
+
+
+def _mean_of(total, weight_sum) -> jax.Array:
   return jnp.where(weight_sum > 0, total / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
 
 
-def _reduced(losses, scored, reduction: str) -> jax.Array:
-  """The loss over the scored positions: their mean, or their sum (see SUM_REDUCIBLE)."""
-  if reduction == 'mean':
-    return weighted_mean(losses, scored)
-  if reduction == 'sum':
-    return weighted_sum(losses, scored)
-  raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+def _reduced(losses, scored, reduction: str) -> tuple[jax.Array, jax.Array]:
+  """(the loss over the scored positions as asked: their mean or their sum (see SUM_REDUCIBLE),
+  their mean), from one sum over losses."""
+  if reduction not in ('mean', 'sum'):
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+  total = weighted_sum(losses, scored)
+  mean = _mean_of(total, jnp.sum(scored, dtype=jnp.float32))
+  return (total if reduction == 'sum' else mean), mean
 
 
 def check_labels(labels, num_classes: int, name: str = 'labels') -> None:
@@ -184,8 +187,8 @@ def classification_loss(logits, labels, *, label_smoothing: float = 0.0,
   _check_label_shape(logits, jnp.asarray(labels), 'logits', 'labels')
   _check_concrete_labels(labels, logits.shape[-1], 'labels')
   losses, scored, correct = _cross_entropy(logits, labels, label_smoothing)
-  loss = weighted_mean(losses, scored)
-  return _reduced(losses, scored, reduction), {
+  reduced, loss = _reduced(losses, scored, reduction)
+  return reduced, {
       'loss': loss, 'accuracy': weighted_mean(correct, scored), 'num_examples': _count(scored)}
 
 
@@ -211,8 +214,8 @@ def causal_lm_loss(logits, labels, *, reduction: str = 'mean') -> tuple[jax.Arra
   _check_label_shape(logits, jnp.asarray(labels), 'logits', 'labels')
   _check_concrete_labels(labels, logits.shape[-1], 'labels')
   losses, scored, correct = _cross_entropy(logits, labels)
-  loss = weighted_mean(losses, scored)
-  return _reduced(losses, scored, reduction), {
+  reduced, loss = _reduced(losses, scored, reduction)
+  return reduced, {
       'loss': loss, 'perplexity': jnp.exp(loss), 'accuracy': weighted_mean(correct, scored),
       'num_tokens': _count(scored)}
 
