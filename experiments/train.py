@@ -564,14 +564,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, constant_shardings,
                                               batch_sharding),
                      out_shardings=replicated)
-  train_step_fn = lambda state, batch: jit_train(state, constants, batch)
   eval_step_fn = lambda state, batch: jit_eval(state, constants, batch)
 
   trainable_report = adapt_rules.report(rates, variables['params'])
   total_params = trainable_report['total_params']
   t0 = time.time()
-  compiled = jit_train.lower(state, constants, first_batch).compile()
+  with runtime.single_core_compilation(config.runtime.single_core_kernels
+                                       and jax.default_backend() == 'cpu'):
+    compiled = jit_train.lower(state, constants, first_batch).compile()
   compile_s = time.time() - t0
+  train_step_fn = lambda state, batch: compiled(state, constants, batch)
   # MFU's numerator (ptm_jax.train.hardware): 3 x the forward FLOPs of one global batch.
   forward_flops = hardware.flops_of(jit_eval.lower(state, constants, first_batch))
   model_flops = 3 * forward_flops if forward_flops else None

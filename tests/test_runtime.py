@@ -91,3 +91,19 @@ def test_a_running_jax_only_notes_the_default_flags_it_lacks(caplog, monkeypatch
   with caplog.at_level('INFO'):
     assert not runtime.configure(runtime.default_config())
   assert [r.levelname for r in caplog.records if 'cannot take effect' in r.getMessage()] == ['INFO']
+
+
+def test_single_core_compilation_keeps_each_kernel_whole_and_gives_the_cores_back():
+  cores = os.sched_getaffinity(0)
+  x = jax.numpy.ones((1024, 1024))
+  # A distinct function each time: jit's caches must not hand back the other compilation.
+  split = jax.jit(lambda x: jax.numpy.tanh(x) * 3).lower(x).compile().as_text()
+  with runtime.single_core_compilation():
+    whole = jax.jit(lambda x: jax.numpy.tanh(x) * 2).lower(x).compile().as_text()
+    inside = os.sched_getaffinity(0)
+  assert 'outer_dimension_partitions' not in whole
+  # XLA splits such a kernel over the cores it may use; with one core there is nothing to split.
+  assert ('outer_dimension_partitions' in split) == (len(cores) > 1)
+  assert len(inside) == 1 and os.sched_getaffinity(0) == cores
+  with runtime.single_core_compilation(enabled=False):
+    assert os.sched_getaffinity(0) == cores

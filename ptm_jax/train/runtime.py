@@ -9,6 +9,7 @@ session, a second run in one process) they are left as they are, with a warning 
 (an info line when only the default CPU kernel flags, CPU_XLA_FLAGS, are missing).
 """
 
+import contextlib
 import os
 
 from absl import logging
@@ -32,8 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
   # same shapes and config loads its compiled steps from there instead of compiling them (the
   # shakespeare_char recipe starts about 4 s sooner). Off by default: the cache grows without
   # bound, and its place is the user's choice (e.g. ~/.cache/ptm_jax/xla).
+  # single_core_kernels: compile the train step for one core per device (see
+  # single_core_compilation); for several CPU devices that share the cores, one each.
   return ml_collections.ConfigDict({'cpu_devices': 0, 'xla_flags': CPU_XLA_FLAGS,
-                                    'compilation_cache_dir': ''})
+                                    'compilation_cache_dir': '', 'single_core_kernels': False})
 
 
 def _cache_dir(runtime: ml_collections.ConfigDict) -> str | None:
@@ -84,3 +87,44 @@ def configure(runtime: ml_collections.ConfigDict) -> bool:
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
   return True
+
+
+def _thread_ids() -> list[int]:
+  return [int(t) for t in os.listdir('/proc/self/task')]
+
+
+@contextlib.contextmanager
+def single_core_compilation(enabled: bool = True):
+  """CPU programs compiled inside run each kernel on one thread, not split over the cores.
+
+  XLA's CPU compiler splits large elementwise kernels into as many parallel tasks as the
+  compiling thread may use cores (sched_getaffinity); it has no option for this. Where several
+  CPU devices run data-parallel on as many cores (runtime.cpu_devices), each device already
+  keeps a core busy, and a split kernel waits for a task queued behind the other device's work:
+  the shakespeare_char step takes about 34 ms split and 32 ms unsplit on 2 cores (README). So
+  the process's threads (XLA compiles on its own threads) are held to one core while the
+  program compiles, and given back their cores after; the compiled program still runs on all
+  of them. A no-op where the OS has no thread affinity, or this process has one core.
+  """
+  if not enabled or not hasattr(os, 'sched_setaffinity') or not os.path.isdir('/proc/self/task'):
+    yield
+    return
+  cores = os.sched_getaffinity(0)
+  if len(cores) < 2:
+    yield
+    return
+  saved = {}
+  try:
+    for tid in _thread_ids():
+      try:
+        saved[tid] = os.sched_getaffinity(tid)
+        os.sched_setaffinity(tid, {min(cores)})
+      except OSError:  # the thread ended meanwhile
+        pass
+    yield
+  finally:
+    for tid in _thread_ids():  # threads started inside inherited the one core: all get back
+      try:
+        os.sched_setaffinity(tid, saved.get(tid, cores))
+      except OSError:
+        pass
