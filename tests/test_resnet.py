@@ -2,6 +2,7 @@
 mode) and loading torchvision-format state dicts."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -245,3 +246,31 @@ def test_bad_inputs():
     resnet.ResNetConfig(hidden_sizes=(8, 16), depths=(1,))
   with pytest.raises(ValueError, match='Unknown ResNet preset'):
     resnet_hub.from_torchvision('x.safetensors', 'resnet19')
+
+
+def test_batch_norm_gradients_equal_those_of_the_plain_formula():
+  # Training-mode BatchNorm has a hand-written backward pass (its sums over the rows are dots):
+  # it must give autodiff's gradients of the textbook formula, mean and variance outputs included.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(1.0, 3.0, (4, 5, 5, 6)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=6), jnp.float32)
+
+  def plain(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+  def ours(x, scale, bias):
+    y, mean, var = resnet._normalize_with_batch_stats(x.reshape(-1, 6), scale, bias,
+                                                      jnp.float32(1e-5))
+    return y.reshape(x.shape), mean, var
+
+  weights = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in plain(x, scale, bias)]
+  loss = lambda f: lambda *a: sum(jnp.sum(o * w) for o, w in zip(f(*a), weights))
+  with jax.default_matmul_precision('highest'):
+    for got, want in zip(ours(x, scale, bias), plain(x, scale, bias)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.grad(loss(ours), (0, 1, 2))(x, scale, bias),
+                         jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
