@@ -1,5 +1,8 @@
 """Layers that change how XLA computes, never what: cotangent_barrier (the identity, its gradient
-kept out of XLA CPU's fusions) and conv_general_dilated (matmul-shaped convolutions as dots)."""
+kept out of XLA CPU's fusions), conv_general_dilated (matmul-shaped convolutions as dots) and
+tied_logits (the LM head's product, vocabulary-major on CPU)."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +105,19 @@ def test_conv_as_dot_keeps_grouped_and_dilated_convolutions_on_lax():
   oihw = jnp.ones((1, 1, 6, 6))
   out = layers.conv_general_dilated(nchw, oihw, (1, 1), 'VALID')  # lax's default NCHW layout
   np.testing.assert_array_equal(out, jax.lax.conv_general_dilated(nchw, oihw, (1, 1), 'VALID'))
+
+
+def test_tied_logits_equal_the_einsum_and_take_the_vocabulary_major_dot_on_cpu():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(50, 8)), jnp.float32)
+  einsum = lambda x, t: jnp.einsum('btd,vd->btv', x, t)
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(layers.tied_logits(x, table), einsum(x, table), rtol=1e-6,
+                               atol=1e-6)
+    loss = lambda f: lambda x, t: jnp.sum(jnp.sin(f(x, t)))
+    for got, want in zip(jax.grad(loss(layers.tied_logits), (0, 1))(x, table),
+                         jax.grad(loss(einsum), (0, 1))(x, table)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(layers.tied_logits).lower(x, table).compile().as_text()
+  assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'

@@ -151,7 +151,7 @@ class Bert(nn.Module):
       bias = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                                  ('vocab',)),
                         (cfg.vocab_size,), self.param_dtype)
-      mlm_logits_BxTxV = (jnp.einsum('btd,vd->btv', h, jnp.asarray(word_embeddings, self.dtype))
+      mlm_logits_BxTxV = (layers.tied_logits(h, jnp.asarray(word_embeddings, self.dtype))
                           + jnp.asarray(bias, self.dtype))
       if self.head == 'mlm':
         return outputs.ClassifierOutput(logits=mlm_logits_BxTxV, last_hidden_state=x_BxTxD)

@@ -165,7 +165,7 @@ class GPT2(nn.Module):
       return encoded
     x_BxTxD = encoded.last_hidden_state
     wte_VxD = nn.unbox(base.variables['params']['wte']['embedding'])
-    logits_BxTxV = jnp.einsum('btd,vd->btv', x_BxTxD, jnp.asarray(wte_VxD, self.dtype))
+    logits_BxTxV = layers.tied_logits(x_BxTxD, jnp.asarray(wte_VxD, self.dtype))
     return outputs.CausalLMOutput(logits=logits_BxTxV, last_hidden_state=x_BxTxD)
 
   def example_inputs(self, batch_size: int = 1, length: int = 8) -> dict[str, np.ndarray]:
