@@ -119,5 +119,6 @@ def test_tied_logits_equal_the_einsum_and_take_the_vocabulary_major_dot_on_cpu()
     for got, want in zip(jax.grad(loss(layers.tied_logits), (0, 1))(x, table),
                          jax.grad(loss(einsum), (0, 1))(x, table)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  hlo = jax.jit(layers.tied_logits).lower(x, table).compile().as_text()
-  assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'
+  if jax.default_backend() == 'cpu':
+    hlo = jax.jit(layers.tied_logits).lower(x, table).compile().as_text()
+    assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'

@@ -262,8 +262,7 @@ def test_batch_norm_gradients_equal_those_of_the_plain_formula():
     return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
 
   def ours(x, scale, bias):
-    y, mean, var = resnet._normalize_with_batch_stats(x.reshape(-1, 6), scale, bias,
-                                                      jnp.float32(1e-5))
+    y, mean, var = resnet._normalize_with_dots(x.reshape(-1, 6), scale, bias, 1e-5)
     return y.reshape(x.shape), mean, var
 
   weights = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in plain(x, scale, bias)]

@@ -94,16 +94,29 @@ def test_a_running_jax_only_notes_the_default_flags_it_lacks(caplog, monkeypatch
 
 
 def test_single_core_compilation_keeps_each_kernel_whole_and_gives_the_cores_back():
+  # The test session has 8 CPU devices: at least as many as the cores, so the cores are held.
+  assert jax.local_device_count() >= len(os.sched_getaffinity(0))
+  threads = lambda: {int(t): os.sched_getaffinity(int(t)) for t in os.listdir('/proc/self/task')}
+  before = threads()
   cores = os.sched_getaffinity(0)
   x = jax.numpy.ones((1024, 1024))
   # A distinct function each time: jit's caches must not hand back the other compilation.
   split = jax.jit(lambda x: jax.numpy.tanh(x) * 3).lower(x).compile().as_text()
   with runtime.single_core_compilation():
     whole = jax.jit(lambda x: jax.numpy.tanh(x) * 2).lower(x).compile().as_text()
-    inside = os.sched_getaffinity(0)
+    inside = threads()
   assert 'outer_dimension_partitions' not in whole
   # XLA splits such a kernel over the cores it may use; with one core there is nothing to split.
   assert ('outer_dimension_partitions' in split) == (len(cores) > 1)
-  assert len(inside) == 1 and os.sched_getaffinity(0) == cores
-  with runtime.single_core_compilation(enabled=False):
-    assert os.sched_getaffinity(0) == cores
+  assert all(len(mask) == 1 for mask in inside.values())
+  after = threads()
+  assert all(after[t] == mask for t, mask in before.items() if t in after)
+  assert all(after[t] == cores for t in set(after) - set(before))  # started meanwhile
+
+
+def test_single_core_kernels_get_a_compilation_cache_of_their_own(tmp_path):
+  settings = runtime.default_config()
+  settings.compilation_cache_dir = str(tmp_path)
+  assert runtime._cache_dir(settings) == str(tmp_path)
+  settings.single_core_kernels = True
+  assert runtime._cache_dir(settings) == str(tmp_path / 'single_core_kernels')

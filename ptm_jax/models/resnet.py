@@ -22,6 +22,7 @@ asymmetrically in XLA and shifts the sampling grid.
 """
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import flax.linen as nn
@@ -114,9 +115,13 @@ def _channel_sum(x_MxC):
                              precision=jax.lax.Precision.HIGHEST)
 
 
-@jax.custom_vjp
-def _normalize_with_batch_stats(x_MxC, scale_C, bias_C, epsilon):
-  """Training-mode BatchNorm of (M, C) rows: (y (M, C), batch mean (C,), biased var (C,))."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize_with_dots(x_MxC, scale_C, bias_C, epsilon: float):
+  """Training-mode BatchNorm of (M, C) rows: (y (M, C), batch mean (C,), biased var (C,)).
+
+  Every sum over the rows, forward and backward, is a `_channel_sum` (the backward is written
+  out, since autodiff would sum with reductions again).
+  """
   return _normalize_fwd(x_MxC, scale_C, bias_C, epsilon)[0]
 
 
@@ -127,13 +132,14 @@ def _normalize_fwd(x_MxC, scale_C, bias_C, epsilon):
   var = _channel_sum(jnp.square(centered)) / m  # two-pass, like torch
   inv_std = jax.lax.rsqrt(var + epsilon)
   x_hat = centered * inv_std
-  return (x_hat * scale_C + bias_C, mean, var), (x_hat, inv_std, scale_C, epsilon)
+  return (x_hat * scale_C + bias_C, mean, var), (x_hat, inv_std, scale_C)
 
 
-def _normalize_bwd(saved, cotangents):
+def _normalize_bwd(epsilon, saved, cotangents):
   # The gradients of y = x_hat * scale + bias with x_hat = (x - mean) / std over the batch,
-  # plus those of the returned mean and variance; every sum over the rows is a dot.
-  x_hat, inv_std, scale, epsilon = saved
+  # plus those of the returned mean and variance.
+  del epsilon
+  x_hat, inv_std, scale = saved
   dy, dmean, dvar = cotangents
   m = x_hat.shape[0]
   dbias = _channel_sum(dy)
@@ -141,10 +147,30 @@ def _normalize_bwd(saved, cotangents):
   dx = (inv_std * scale) * (dy - (dbias + x_hat * dscale) / m)
   # mean = sum(x) / m; var = sum((x - mean)^2) / m, whose gradient is 2 (x - mean) / m.
   dx = dx + (dmean + (2 * dvar) * (x_hat / inv_std)) / m
-  return dx, dscale, dbias, jnp.zeros_like(epsilon)
+  return dx, dscale, dbias
 
 
-_normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
+_normalize_with_dots.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _normalize_with_reductions(x_MxC, scale_C, bias_C, epsilon: float):
+  """The same as `_normalize_with_dots`, summing with reductions (autodiff's backward)."""
+  mean = jnp.mean(x_MxC, 0)
+  var = jnp.mean(jnp.square(x_MxC - mean), 0)
+  y = (x_MxC - mean) * jax.lax.rsqrt(var + epsilon) * scale_C + bias_C
+  return y, mean, var
+
+
+def normalize_with_batch_stats(x_MxC, scale_C, bias_C, epsilon: float):
+  """(y, mean, biased var) of training-mode BatchNorm over (M, C) rows, float32.
+
+  On CPU the sums are dots (`_normalize_with_dots`); elsewhere the reductions are fast and
+  autodiff's backward pass is kept.
+  """
+  return jax.lax.platform_dependent(
+      x_MxC, scale_C, bias_C,
+      cpu=lambda *a: _normalize_with_dots(*a, epsilon),
+      default=lambda *a: _normalize_with_reductions(*a, epsilon))
 
 
 class BatchNorm(nn.Module):
@@ -178,9 +204,9 @@ class BatchNorm(nn.Module):
       if not self.is_mutable_collection('batch_stats'):
         raise ValueError("train=True updates the BatchNorm statistics: call apply(..., "
                          "mutable=['batch_stats']) and keep the returned batch_stats.")
-      y, mean, var = _normalize_with_batch_stats(
+      y, mean, var = normalize_with_batch_stats(
           x.reshape(n, c), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32),
-          jnp.float32(self.epsilon))
+          self.epsilon)
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean

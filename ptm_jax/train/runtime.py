@@ -33,15 +33,20 @@ def default_config() -> ml_collections.ConfigDict:
   # same shapes and config loads its compiled steps from there instead of compiling them (the
   # shakespeare_char recipe starts about 4 s sooner). Off by default: the cache grows without
   # bound, and its place is the user's choice (e.g. ~/.cache/ptm_jax/xla).
-  # single_core_kernels: compile the train step for one core per device (see
-  # single_core_compilation); for several CPU devices that share the cores, one each.
+  # single_core_kernels: compile the train step's kernels whole, not split over the cores
+  # (single_core_compilation), where the CPU devices are at least as many as the cores.
   return ml_collections.ConfigDict({'cpu_devices': 0, 'xla_flags': CPU_XLA_FLAGS,
                                     'compilation_cache_dir': '', 'single_core_kernels': False})
 
 
 def _cache_dir(runtime: ml_collections.ConfigDict) -> str | None:
   path = runtime.get('compilation_cache_dir', '')
-  return os.path.abspath(os.path.expanduser(path)) if path else None
+  if not path:
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  # JAX's cache key does not see the threads' affinity at compile time, so programs compiled
+  # under single_core_compilation get a cache of their own.
+  return os.path.join(path, 'single_core_kernels') if runtime.get('single_core_kernels') else path
 
 
 def _missing_flags(xla_flags: str) -> list[str]:
@@ -98,33 +103,45 @@ def single_core_compilation(enabled: bool = True):
   """CPU programs compiled inside run each kernel on one thread, not split over the cores.
 
   XLA's CPU compiler splits large elementwise kernels into as many parallel tasks as the
-  compiling thread may use cores (sched_getaffinity); it has no option for this. Where several
-  CPU devices run data-parallel on as many cores (runtime.cpu_devices), each device already
-  keeps a core busy, and a split kernel waits for a task queued behind the other device's work:
-  the shakespeare_char step takes about 34 ms split and 32 ms unsplit on 2 cores (README). So
-  the process's threads (XLA compiles on its own threads) are held to one core while the
-  program compiles, and given back their cores after; the compiled program still runs on all
-  of them. A no-op where the OS has no thread affinity, or this process has one core.
+  compiling thread may use cores (sched_getaffinity); it has no option for this. Where the CPU
+  devices are at least as many as the cores (runtime.cpu_devices, data-parallel), each device
+  already keeps a core busy, and a split kernel waits for a task queued behind another device's
+  work: the shakespeare_char step takes about 34 ms split and 32 ms unsplit on 2 cores (README).
+  So every thread of the process is held to one core while the program compiles (XLA compiles
+  on threads of its own, so holding the calling thread alone changes nothing), and all get
+  their cores back after; the compiled program still runs on all of them. XLA's code
+  generation is held to that core too, which makes the compile slower (about 1 s on that
+  step). A no-op where there are more cores than devices (split kernels find idle cores), on one
+  core, or where the OS has no thread affinity.
   """
   if not enabled or not hasattr(os, 'sched_setaffinity') or not os.path.isdir('/proc/self/task'):
     yield
     return
-  cores = os.sched_getaffinity(0)
-  if len(cores) < 2:
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2 or jax.local_device_count() < len(cores):
     yield
     return
+  one = {cores[jax.process_index() % len(cores)]}  # processes on one host compile side by side
   saved = {}
   try:
     for tid in _thread_ids():
       try:
         saved[tid] = os.sched_getaffinity(tid)
-        os.sched_setaffinity(tid, {min(cores)})
+        os.sched_setaffinity(tid, one)
       except OSError:  # the thread ended meanwhile
         pass
     yield
   finally:
-    for tid in _thread_ids():  # threads started inside inherited the one core: all get back
-      try:
-        os.sched_setaffinity(tid, saved.get(tid, cores))
-      except OSError:
-        pass
+    # Threads started meanwhile inherited the one core; a thread may start another while this
+    # loop runs, so it goes round until no thread is left unrestored.
+    restored = set()
+    for _ in range(100):
+      pending = [tid for tid in _thread_ids() if tid not in restored]
+      if not pending:
+        break
+      for tid in pending:
+        try:
+          os.sched_setaffinity(tid, saved.get(tid, set(cores)))
+        except OSError:
+          pass
+        restored.add(tid)
