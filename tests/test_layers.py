@@ -1,6 +1,6 @@
 """Layers that change how XLA computes, never what: cotangent_barrier (the identity, its gradient
-kept out of XLA CPU's fusions), conv_general_dilated (matmul-shaped convolutions as dots) and
-tied_logits (the LM head's product, vocabulary-major on CPU)."""
+kept out of XLA CPU's fusions), conv_general_dilated (matmul-shaped convolutions as dots),
+tied_logits (the LM head's product, vocabulary-major on CPU) and max_pool (torch's gradient)."""
 
 import re
 
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+import torch
 
 from ptm_jax.models import layers
 
@@ -122,3 +123,28 @@ def test_tied_logits_equal_the_einsum_and_take_the_vocabulary_major_dot_on_cpu()
   if jax.default_backend() == 'cpu':
     hlo = jax.jit(layers.tied_logits).lower(x, table).compile().as_text()
     assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'
+
+
+@pytest.mark.parametrize('shape, window, strides, padding', [
+    ((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # ResNet's stem pool, odd sizes
+    ((1, 7, 7, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((2, 10, 11, 3), (3, 2), (1, 2), ((1, 1), (0, 0))),
+])
+def test_max_pool_equals_torch_forward_and_backward_ties_included(shape, window, strides,
+                                                                   padding):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32)
+  x[0, :4, :4, 0] = 1.5      # equal maxima within and across windows
+  x = np.maximum(x, 0)       # and the ReLU's zeros, as ResNet's stem feeds its pool
+  y, vjp = jax.vjp(lambda x: layers.max_pool(x, window, strides, padding), jnp.asarray(x))
+  dy = rng.normal(size=y.shape).astype(np.float32)
+  (dx,) = vjp(jnp.asarray(dy))
+  x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  y_torch = torch.nn.functional.max_pool2d(x_torch, window, strides,
+                                           (padding[0][0], padding[1][0]))
+  y_torch.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(y, y_torch.detach().numpy().transpose(0, 2, 3, 1))
+  # Where windows overlap, an element's gradient is a sum: equal up to its order.
+  np.testing.assert_allclose(dx, x_torch.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6,
+                             atol=1e-6)
+  assert float(jnp.abs(dx).sum()) > 0

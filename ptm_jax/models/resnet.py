@@ -293,8 +293,9 @@ class ResNetBackbone(nn.Module):
     x = ConvNorm(cfg.embedding_size, 7, 2, cfg.hidden_act, dtype=self.dtype,
                  param_dtype=self.param_dtype, name='stem')(
                      jnp.asarray(pixels_BxHxWxC, self.dtype), train=train)
-    # max_pool pads with -inf, so padded cells never win (torch's MaxPool2d(3, 2, padding=1)).
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # torch's MaxPool2d(3, 2, padding=1): padded cells never win; its gradient goes to the first
+    # maximum of each window, as torch's does.
+    x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for s, b, _, out_channels, stride, has_shortcut in block_specs(cfg):
       x = ResidualBlock(cfg, out_channels, stride, has_shortcut, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=f'stage_{s}_block_{b}')(x, train=train)
