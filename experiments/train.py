@@ -569,8 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   trainable_report = adapt_rules.report(rates, variables['params'])
   total_params = trainable_report['total_params']
   t0 = time.time()
-  with runtime.single_core_compilation(config.runtime.single_core_kernels
-                                       and jax.default_backend() == 'cpu'):
+  with runtime.single_core_compilation(config.runtime.single_core_kernels):
     compiled = jit_train.lower(state, constants, first_batch).compile()
   compile_s = time.time() - t0
   train_step_fn = lambda state, batch: compiled(state, constants, batch)

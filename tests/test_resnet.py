@@ -256,14 +256,14 @@ def test_batch_norm_gradients_equal_those_of_the_plain_formula():
   scale = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
   bias = jnp.asarray(rng.normal(size=6), jnp.float32)
 
-  def plain(x, scale, bias):
-    mean = x.mean((0, 1, 2))
-    var = jnp.square(x - mean).mean((0, 1, 2))
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+  def rows(normalize):  # (N, H, W, C) images as the (N*H*W, C) rows BatchNorm normalises
+    def apply(x, scale, bias):
+      y, mean, var = normalize(x.reshape(-1, 6), scale, bias, 1e-5)
+      return y.reshape(x.shape), mean, var
+    return apply
 
-  def ours(x, scale, bias):
-    y, mean, var = resnet._normalize_with_dots(x.reshape(-1, 6), scale, bias, 1e-5)
-    return y.reshape(x.shape), mean, var
+  # The plain formula, which other platforms run and autodiff differentiates.
+  plain, ours = rows(resnet._normalize_with_reductions), rows(resnet._normalize_with_dots)
 
   weights = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in plain(x, scale, bias)]
   loss = lambda f: lambda *a: sum(jnp.sum(o * w) for o, w in zip(f(*a), weights))

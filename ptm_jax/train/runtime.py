@@ -111,10 +111,11 @@ def single_core_compilation(enabled: bool = True):
   on threads of its own, so holding the calling thread alone changes nothing), and all get
   their cores back after; the compiled program still runs on all of them. XLA's code
   generation is held to that core too, which makes the compile slower (about 1 s on that
-  step). A no-op where there are more cores than devices (split kernels find idle cores), on one
-  core, or where the OS has no thread affinity.
+  step). A no-op off the CPU backend, where there are more cores than devices (split kernels
+  find idle cores), on one core, or where the OS has no thread affinity.
   """
-  if not enabled or not hasattr(os, 'sched_setaffinity') or not os.path.isdir('/proc/self/task'):
+  if (not enabled or jax.default_backend() != 'cpu' or not hasattr(os, 'sched_setaffinity')
+      or not os.path.isdir('/proc/self/task')):
     yield
     return
   cores = sorted(os.sched_getaffinity(0))
