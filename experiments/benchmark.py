@@ -56,7 +56,7 @@ import optax  # noqa: E402
 
 import ptm_jax  # noqa: E402
 from ptm_jax.models import bert, clip, gpt2, layers, resnet, vit  # noqa: E402
-from ptm_jax.train import hardware, objectives, optimizers, runtime  # noqa: E402
+from ptm_jax.train import hardware, objectives, optimizers, profiling, runtime  # noqa: E402
 
 MODELS = ('gpt2', 'bert', 'vit', 'resnet', 'clip')
 _TINY_TRANSFORMER = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
@@ -137,7 +137,9 @@ flags.DEFINE_enum('malloc', 'retain', ('retain', 'default'), 'glibc malloc setti
                   'process (both sides): retain = one arena that keeps freed memory for reuse '
                   '(RETAIN_MALLOC); default = glibc\'s own.')
 flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of 3 more steps of ours '
-                    'here (TensorBoard\'s profile tab or xprof).')
+                    'here (TensorBoard\'s profile tab or xprof) with the step\'s compiled text, '
+                    'and print and record where the step\'s time went '
+                    '(ptm_jax.train.profiling).')
 flags.DEFINE_bool('dry_run', False, 'Compile ours only: compile time, memory and FLOPs, no '
                   'timing and no peer.', allow_override=True)
 
@@ -548,8 +550,10 @@ def run(opts: Options) -> dict:
       logging.info('round %d/%d: ours %.4f s, peer %s s', i + 1, opts.steps, times_ours[-1],
                    f'{times_peer[-1]:.4f}' if times_peer else '-')
     if opts.profile_dir:  # after the timed rounds, so that tracing does not slow them
-      with jax.profiler.trace(opts.profile_dir):
-        for _ in range(3):
+      profiling.write_hlo(compiled, opts.profile_dir, 'ours_step')
+      with jax.profiler.trace(opts.profile_dir,
+                              profiler_options=profiling.profiler_options()):
+        for _ in range(PROFILED_STEPS):
           ours()
 
   platform_name = device.platform
@@ -616,6 +620,8 @@ def run(opts: Options) -> dict:
   }
   if peer is not None:
     record['versions'].update(torch=torch.__version__, transformers=transformers.__version__)
+  if opts.profile_dir:
+    record['profile'] = _profile_record(opts.profile_dir)
   if family == 'gpt2':
     analytic = gpt2_analytic_flops(cfg, params, batch_size, seq_len, opts.mode)
     record['gpt2_analytic_flops_per_step'] = analytic
@@ -633,6 +639,26 @@ def run(opts: Options) -> dict:
           'max_abs_logit': float(np.max(np.abs(check_ours[0])))}
   return record
 
+
+PROFILED_STEPS = 3  # --profile_dir: steps of ours traced after the timed rounds
+
+
+def _profile_record(profile_dir: str) -> dict:
+  """Prints where the traced steps' time went; returns its totals per device for the JSON."""
+  try:
+    with open(os.path.join(profile_dir, 'ours_step.hlo.txt'), encoding='utf-8') as f:
+      profile = profiling.summarize(profiling.find_trace(profile_dir), f.read(), top=10,
+                                    steps=PROFILED_STEPS)
+  except Exception as e:  # pylint: disable=broad-except
+    # A trace this reader does not know (another backend's format) must not cost the timings.
+    logging.warning('The profile in %s was written but not summarized: %r', profile_dir, e)
+    return {'dir': profile_dir, 'error': repr(e)}
+  print(profiling.format_summary(profile), flush=True)
+  # Op time by category and phase per device (the top ops are in the printed table).
+  return {'dir': profile_dir, 'modules': [
+      {k: m[k] for k in ('device', 'module', 'op_seconds_per_step', 'span_seconds_per_step',
+                         'by_category', 'by_phase')}
+      for m in profile['modules'] if m['module'].startswith('jit_')]}
 
 TASKS = {
     'gpt2': 'causal LM (GPT2LMHeadModel), loss over the B x (T - 1) next tokens',

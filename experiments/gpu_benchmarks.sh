@@ -16,8 +16,8 @@
 #
 # Runs, most important first; each has a time limit, a failed run does not stop the others, and
 # no run starts when too little of the budget is left:
-#   1. GPT-2 small train, bf16, cuDNN fused attention, 16 x 1024 tokens (MFU target: 45%)
-#   2. ViT-B/16 train, bf16, cuDNN attention, 128 images (MFU target: 40%)
+#   1. GPT-2 small train, bf16, cuDNN fused attention, 16 x 1024 tokens (MFU target: 45%), profiled
+#   2. ViT-B/16 train, bf16, cuDNN attention, 128 images (MFU target: 40%), profiled
 #   3. gpt2 / bert / vit / resnet at the default shapes, train then infer, bf16, each
 #      against the transformers peer (torch autocast bf16)
 # Every run also times the torch peer (--peer=torch) when torch sees the GPU.
@@ -96,10 +96,13 @@ bench_cudnn() {
   }
 }
 
+# The two MFU runs also trace 3 steps: their summary (op time by category and phase, the top
+# kernels; ptm_jax/train/profiling.py) is printed into log.txt and recorded in the JSON, and the
+# trace stays in OUT_DIR/profile_NAME for xprof.
 bench_cudnn gpt2_train_mfu --model=gpt2 --size=small --mode=train --dtype=bfloat16 \
-    --batch_size=16 --seq_len=1024 --steps=10 --warmup=3
+    --batch_size=16 --seq_len=1024 --steps=10 --warmup=3 --profile_dir="$OUT_DIR/profile_gpt2"
 bench_cudnn vit_train_mfu --model=vit --size=b16 --mode=train --dtype=bfloat16 \
-    --batch_size=128 --steps=10 --warmup=3
+    --batch_size=128 --steps=10 --warmup=3 --profile_dir="$OUT_DIR/profile_vit"
 for mode in train infer; do
   bench_cudnn "gpt2_$mode" --model=gpt2 --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3
   bench_cudnn "bert_$mode" --model=bert --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3

@@ -38,8 +38,10 @@ from ptm_jax.adapt import peft_export
 from ptm_jax.adapt import rules as adapt_rules
 from ptm_jax.data import pipeline
 from ptm_jax.models import layers, registry
-from ptm_jax.train import checkpointing, distributed, hardware, objectives, optimizers, runtime
+from ptm_jax.train import (checkpointing, distributed, hardware, objectives, optimizers,
+                           profiling, runtime)
 from ptm_jax.train.config import RESUMABLE_KEYS, finalize
+
 
 # ------------------------------------------------------------------------------------------------
 # Model and train state.
@@ -632,19 +634,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   train_metrics: dict = {}
   timer_step, timer_t = start, time.time()
   steps_timed, seconds_timed = 0, 0.0
-  profiling = False  # a trace is running (config.profile; a resumed run may start past it)
+  tracing = False  # a trace is running (config.profile; a resumed run may start past it)
   try:
     for step in range(start + 1, config.total_steps + 1):
       if config.profile.num_steps and step == config.profile.start_step + 1:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        profiling = True
+        # The step's compiled text beside the trace names its ops (experiments.profile_summary).
+        jax.block_until_ready(state)  # the trace holds the profiled steps only
+        if is_writer:
+          profiling.write_hlo(compiled, os.path.join(workdir, 'profile'), 'train_step')
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'),
+                                 profiler_options=profiling.profiler_options(
+                                     config.profile.python_tracer))
+        tracing = True
       batch = next(train_loader)
       state, metrics = train_step_fn(state, batch)
       done = step == config.total_steps
-      if profiling and (step == config.profile.start_step + config.profile.num_steps or done):
+      if tracing and (step == config.profile.start_step + config.profile.num_steps or done):
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        profiling = False
+        tracing = False
       if step % config.log_every == 0 or done:
         train_metrics = _scalars(metrics)
         if not math.isfinite(train_metrics['loss']):

@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from experiments import train
 from ptm_jax.models import gpt2, registry
-from ptm_jax.train import hardware, objectives
+from ptm_jax.train import hardware, objectives, profiling
 from ptm_jax.train.config import base_config, finalize
 
 TINY_GPT2 = gpt2.GPT2Config(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
@@ -148,8 +148,14 @@ def test_trainer_runs_with_accumulation_remat_scan_and_bf16(tmp_path):
   assert other['total_params'] == ref['total_params']
   assert other['eval']['num_examples'] == ref['eval']['num_examples'] == 32
   np.testing.assert_allclose(other['eval']['loss'], ref['eval']['loss'], rtol=1e-5)
-  assert glob.glob(str(tmp_path / 'accum_scan' / 'profile' / '**' / '*.xplane.pb'),
-                   recursive=True)
+  profile_dir = tmp_path / 'accum_scan' / 'profile'
+  assert glob.glob(str(profile_dir / '**' / '*.xplane.pb'), recursive=True)
+  # The trace holds that one step on each device, its ops named by source (the step's text).
+  profile = profiling.summarize(profiling.find_trace(str(profile_dir)),
+                                (profile_dir / 'train_step.hlo.txt').read_text())
+  step_profiles = [m for m in profile['modules'] if m['module'] == 'jit_train_step']
+  assert step_profiles and all(m['executions'] == 1 for m in step_profiles)
+  assert all(m['by_phase'].get('backward', 0) > 0 for m in step_profiles)
   # bf16 compute, float32 master weights: close to float32 training, not equal to it.
   bf16 = train.train_and_evaluate(_digits_config(**{'model.dtype': 'bfloat16'}),
                                   str(tmp_path / 'bf16'))

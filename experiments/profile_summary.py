@@ -1,0 +1,52 @@
+r"""Where a compiled step spent its time, from a jax.profiler trace (ptm_jax.train.profiling).
+
+  python -m experiments.profile_summary --profile_dir=DIR [--hlo=FILE] [--top=25] [--json_out=F]
+
+DIR: experiments.benchmark's --profile_dir, or the trainer's WORKDIR/profile (config.profile).
+Both write the compiled step's text there too (*.hlo.txt), which names each op by its source.
+Prints, per device and compiled module, op time per execution by category, by phase and by
+instruction; --json_out also writes it as JSON.
+"""
+
+import glob
+import json
+import os
+
+from absl import app, flags
+
+from ptm_jax.train import profiling
+
+def run(profile_dir: str, hlo: str = '', top: int = 25, json_out: str = '') -> dict:
+  """Prints the summary of the latest trace under profile_dir (and writes it to json_out)."""
+  if not hlo:
+    found = glob.glob(os.path.join(profile_dir, '*.hlo.txt'))
+    hlo = found[0] if len(found) == 1 else ''
+  hlo_text = None
+  if hlo:
+    with open(hlo, encoding='utf-8') as f:
+      hlo_text = f.read()
+  summary = profiling.summarize(profiling.find_trace(profile_dir), hlo_text, top=top)
+  print(profiling.format_summary(summary))
+  if json_out:
+    with open(json_out, 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
+  run(FLAGS.profile_dir, FLAGS.hlo, FLAGS.top, FLAGS.json_out)
+
+
+if __name__ == '__main__':
+  # Defined here, not on import: experiments.benchmark, imported beside this, has flags of the
+  # same names.
+  FLAGS = flags.FLAGS
+  flags.DEFINE_string('profile_dir', None, 'Directory that jax.profiler.trace wrote.')
+  flags.DEFINE_string('hlo', '', 'The compiled module\'s text, to name ops by their source '
+                      '(default: the one *.hlo.txt in --profile_dir, if there is one).')
+  flags.DEFINE_integer('top', 25, 'Instructions listed per device and module.')
+  flags.DEFINE_string('json_out', '', 'Also write the summary as JSON here.')
+  flags.mark_flags_as_required(['profile_dir'])
+  app.run(main)
