@@ -136,6 +136,7 @@ flags.DEFINE_string('xla_flags', runtime.CPU_XLA_FLAGS, 'Appended to XLA_FLAGS b
 flags.DEFINE_enum('malloc', 'retain', ('retain', 'default'), 'glibc malloc settings of the '
                   'process (both sides): retain = one arena that keeps freed memory for reuse '
                   '(RETAIN_MALLOC); default = glibc\'s own.')
+PROFILED_STEPS = 3  # --profile_dir: steps of ours traced after the timed rounds
 flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of 3 more steps of ours '
                     'here (TensorBoard\'s profile tab or xprof) with the step\'s compiled text, '
                     'and print and record where the step\'s time went '
@@ -640,9 +641,6 @@ def run(opts: Options) -> dict:
   return record
 
 
-PROFILED_STEPS = 3  # --profile_dir: steps of ours traced after the timed rounds
-
-
 def _profile_record(profile_dir: str) -> dict:
   """Prints where the traced steps' time went; returns its totals per device for the JSON."""
   try:
@@ -654,10 +652,12 @@ def _profile_record(profile_dir: str) -> dict:
     logging.warning('The profile in %s was written but not summarized: %r', profile_dir, e)
     return {'dir': profile_dir, 'error': repr(e)}
   print(profiling.format_summary(profile), flush=True)
+  if not profile['modules']:
+    logging.warning('The profile in %s has %s', profile_dir, profiling.NO_OPS)
   # Op time by category and phase per device (the top ops are in the printed table).
   return {'dir': profile_dir, 'modules': [
       {k: m[k] for k in ('device', 'module', 'op_seconds_per_step', 'span_seconds_per_step',
-                         'by_category', 'by_phase')}
+                         'executions', 'executions_counted', 'by_category', 'by_phase')}
       for m in profile['modules'] if m['module'].startswith('jit_')]}
 
 TASKS = {

@@ -97,12 +97,17 @@ bench_cudnn() {
 }
 
 # The two MFU runs also trace 3 steps: their summary (op time by category and phase, the top
-# kernels; ptm_jax/train/profiling.py) is printed into log.txt and recorded in the JSON, and the
-# trace stays in OUT_DIR/profile_NAME for xprof.
+# kernels; ptm_jax/train/profiling.py) is printed into log.txt and recorded in the JSON; each
+# trace is copied up to OUT_DIR/profile_NAME/step.trace.json.gz (jax.profiler writes it folders deep)
+# for `python -m experiments.profile_summary --profile_dir=OUT_DIR/profile_NAME --steps=3`.
 bench_cudnn gpt2_train_mfu --model=gpt2 --size=small --mode=train --dtype=bfloat16 \
     --batch_size=16 --seq_len=1024 --steps=10 --warmup=3 --profile_dir="$OUT_DIR/profile_gpt2"
 bench_cudnn vit_train_mfu --model=vit --size=b16 --mode=train --dtype=bfloat16 \
     --batch_size=128 --steps=10 --warmup=3 --profile_dir="$OUT_DIR/profile_vit"
+for name in gpt2 vit; do
+  trace=$(ls -t "$OUT_DIR/profile_$name"/plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
+  [[ -n "$trace" ]] && cp "$trace" "$OUT_DIR/profile_$name/step.trace.json.gz"
+done
 for mode in train infer; do
   bench_cudnn "gpt2_$mode" --model=gpt2 --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3
   bench_cudnn "bert_$mode" --model=bert --mode=$mode --dtype=bfloat16 --steps=10 --warmup=3

@@ -16,16 +16,25 @@ from absl import app, flags
 
 from ptm_jax.train import profiling
 
-def run(profile_dir: str, hlo: str = '', top: int = 25, json_out: str = '') -> dict:
+FLAGS = flags.FLAGS
+
+
+def run(profile_dir: str, hlo: str = '', top: int = 25, json_out: str = '',
+        steps: int | None = None) -> dict:
   """Prints the summary of the latest trace under profile_dir (and writes it to json_out)."""
   if not hlo:
-    found = glob.glob(os.path.join(profile_dir, '*.hlo.txt'))
-    hlo = found[0] if len(found) == 1 else ''
+    found = sorted(glob.glob(os.path.join(profile_dir, '*.hlo.txt')))
+    if len(found) == 1:
+      hlo = found[0]
+    else:
+      print(f'{len(found)} *.hlo.txt files in {profile_dir} ({", ".join(found) or "none"}): ops '
+            'are not named by their source; choose one with --hlo.')
   hlo_text = None
   if hlo:
     with open(hlo, encoding='utf-8') as f:
       hlo_text = f.read()
-  summary = profiling.summarize(profiling.find_trace(profile_dir), hlo_text, top=top)
+  summary = profiling.summarize(profiling.find_trace(profile_dir), hlo_text, top=top,
+                                steps=steps)
   print(profiling.format_summary(summary))
   if json_out:
     with open(json_out, 'w', encoding='utf-8') as f:
@@ -36,17 +45,18 @@ def run(profile_dir: str, hlo: str = '', top: int = 25, json_out: str = '') -> d
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
-  run(FLAGS.profile_dir, FLAGS.hlo, FLAGS.top, FLAGS.json_out)
+  run(FLAGS.profile_dir, FLAGS.hlo, FLAGS.top, FLAGS.json_out, FLAGS.steps)
 
 
 if __name__ == '__main__':
   # Defined here, not on import: experiments.benchmark, imported beside this, has flags of the
   # same names.
-  FLAGS = flags.FLAGS
   flags.DEFINE_string('profile_dir', None, 'Directory that jax.profiler.trace wrote.')
   flags.DEFINE_string('hlo', '', 'The compiled module\'s text, to name ops by their source '
                       '(default: the one *.hlo.txt in --profile_dir, if there is one).')
   flags.DEFINE_integer('top', 25, 'Instructions listed per device and module.')
   flags.DEFINE_string('json_out', '', 'Also write the summary as JSON here.')
+  flags.DEFINE_integer('steps', None, 'Executions in the trace where its events do not number '
+                       'them (GPU traces): the trainer\'s profile.num_steps, the benchmark\'s 3.')
   flags.mark_flags_as_required(['profile_dir'])
   app.run(main)

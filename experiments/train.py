@@ -687,6 +687,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved, exiting.', step)
         sys.exit(143)
   finally:
+    if tracing:  # the loop stopped inside the traced steps (NaN loss, preemption)
+      jax.profiler.stop_trace()
     checkpointer.wait()
     checkpointer.close()
     writer.close()

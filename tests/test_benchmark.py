@@ -39,7 +39,9 @@ def test_tiny_benchmark_against_torch(tmp_path, model, mode, shape):
   if profile:
     assert glob.glob(str(tmp_path / 'profile' / '**' / '*.xplane.pb'), recursive=True)
     # Where the traced steps' time went, per device (ptm_jax.train.profiling).
+    assert 'error' not in record['profile']
     [step_profile] = [m for m in record['profile']['modules'] if m['device'].endswith('device 0')]
+    assert step_profile['executions'] == benchmark.PROFILED_STEPS
     assert step_profile['op_seconds_per_step'] > 0 and step_profile['by_category']['dot'] > 0
   # The XLA flags the run had, for reproduction: here the test session's forced device count.
   assert '--xla_force_host_platform_device_count=8' in record['xla_flags']

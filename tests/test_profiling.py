@@ -23,7 +23,7 @@ def _op(name, ts, dur, run, tid=1, device=0, module='jit_step'):
                    'run_id': str(run)}}
 
 
-HLO = '''
+HLO = '''HloModule jit_step, is_scheduled=true
   %dot.1 = f32[4,4]{1,0} dot(%a, %b), metadata={op_name="jit(step)/jvp(M)/layer_0/mlp/dot_general"}
   %dot.2 = f32[4,4]{1,0} dot(%a, %b), metadata={op_name="jit(step)/jvp(M)/layer_1/mlp/dot_general"}
   %add_multiply_fusion = f32[4] fusion(%x), kind=kLoop, metadata={op_name="jit(step)/transpose(jvp(M))/layer_0/mul"}
@@ -47,16 +47,20 @@ def test_self_time_waits_runs_and_sources(tmp_path):
          'args': {}},
         # Another device's op, on another thread, is another group.
         _op('dot.1', t0, 500, run, tid=2, device=1),
+        # Another module's instruction of the same name takes nothing from jit_step's text.
+        _op('add_multiply_fusion', t0 + 300, 5, run, module='jit_eval'),
     ]
   _write_trace(trace, events)
   summary = profiling.summarize(str(trace), HLO)
-  device0, device1 = summary['modules']
+  device0_eval, device0, device1 = summary['modules']  # sorted by device, then module
+  assert device0_eval['module'] == 'jit_eval' and device0_eval['by_phase'] == {
+      'unknown': pytest.approx(5e-6)}
   assert (device0['device'], device0['module']) == ('/host:CPU device 0', 'jit_step')
   assert device0['executions'] == 2
   assert device0['op_seconds_per_step'] == pytest.approx((10 + 40 + 60 + 30 + 40) * 1e-6)
   assert device0['span_seconds_per_step'] == pytest.approx(200e-6)
   assert device0['by_category'] == pytest.approx(
-      {'dot': 100e-6, 'elementwise fusion': 30e-6, 'collective': 40e-6, 'other': 10e-6})
+      {'dot': 100e-6, 'elementwise or reduce fusion': 30e-6, 'collective': 40e-6, 'other': 10e-6})
   assert device0['by_phase'] == pytest.approx(
       {'forward': 100e-6, 'backward': 30e-6, 'other': 40e-6, 'unknown': 10e-6})
   # The two layers' dots are one source, layer indices folded.
@@ -71,15 +75,54 @@ def test_self_time_waits_runs_and_sources(tmp_path):
 
 
 @pytest.mark.parametrize('name, expected', [
-    ('dot.12', 'dot'), ('custom-call.3', 'other'), ('convert_convert_fusion', 'elementwise fusion'),
+    ('dot.12', 'dot'), ('custom-call.3', 'other'), ('convert_convert_fusion', 'elementwise or reduce fusion'),
     ('convolution.4', 'convolution'), ('cudnn-conv-bias-activation', 'convolution'),
     ('all-reduce.41', 'collective'), ('reduce-scatter', 'collective'),
-    ('transpose_copy_fusion.2', 'copy/transpose'), ('multiply_erf_fusion', 'elementwise fusion'),
+    ('transpose_copy_fusion.2', 'copy/transpose'), ('multiply_erf_fusion', 'elementwise or reduce fusion'),
     ('copy.384', 'copy/transpose'), ('cudnn_generated_fort_native_sdpa_sm90', 'fused attention'),
-    ('sm90_xmma_gemm_bf16bf16', 'dot'), ('loop_add_fusion', 'elementwise fusion'),
+    ('sm90_xmma_gemm_bf16bf16', 'dot'), ('loop_add_fusion', 'elementwise or reduce fusion'),
 ])
 def test_categories(name, expected):
   assert profiling.category(name) == expected
+
+
+def test_a_gpu_shaped_trace(tmp_path):
+  """Kernels on a /device: process, tagged without run_id or device ordinal; the host's
+  launches carry the same tags and are not device time; a custom call goes by its target."""
+  trace = tmp_path / 'gpu.trace.json.gz'
+  meta = [{'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
+          {'ph': 'M', 'name': 'process_name', 'pid': 3, 'args': {'name': '/host:CUPTI'}}]
+  kernel = lambda name, op, ts, dur: {
+      'ph': 'X', 'pid': 2, 'tid': 7, 'name': name, 'ts': ts, 'dur': dur,
+      'args': {'hlo_op': op, 'hlo_module': 'jit_train_step'} if op else {}}
+  events = []
+  for t0 in (0.0, 1000.0):
+    events += [kernel('cudnn_generated_fort_native_sdpa', 'custom-call.7', t0, 300),
+               kernel('sm90_xmma_gemm', 'dot.3', t0 + 300, 200),
+               kernel('memcpy_kernel', None, t0 + 600, 50),
+               {'ph': 'X', 'pid': 3, 'tid': 1, 'name': 'cuLaunchKernel', 'ts': t0, 'dur': 20,
+                'args': {'hlo_op': 'dot.3', 'hlo_module': 'jit_train_step'}}]
+  with gzip.open(trace, 'wt', encoding='utf-8') as f:
+    json.dump({'traceEvents': meta + events}, f)
+  hlo = ('HloModule jit_train_step\n'
+         '  %custom-call.7 = (bf16[2,8]) custom-call(%q), custom_call_target="__cudnn$fmhaSoftmax"\n')
+  step, untagged = profiling.summarize(str(trace), hlo, steps=2)['modules']
+  assert (step['device'], step['module'], step['executions']) == (
+      '/device:GPU:0', 'jit_train_step', 2)
+  assert not step['executions_counted']
+  assert step['by_category'] == pytest.approx({'dot': 200e-6, 'fused attention': 300e-6})
+  assert step['span_seconds_per_step'] == pytest.approx(1500e-6 / 2)
+  assert untagged['module'] == 'untagged' and untagged['op_seconds_per_step'] == pytest.approx(50e-6)
+  text = profiling.format_summary({'trace': str(trace), 'modules': [step]})
+  assert '(2 executions, as given: the trace does not number them)' in text
+
+
+def test_a_trace_without_ops_says_so(tmp_path):
+  trace = tmp_path / 'empty.trace.json.gz'
+  _write_trace(trace, [{'ph': 'X', 'pid': 1, 'tid': 1, 'name': 'Python', 'ts': 0, 'dur': 5}])
+  summary = profiling.summarize(str(trace))
+  assert summary['modules'] == []
+  assert 'No XLA op events in the trace' in profiling.format_summary(summary)
 
 
 def test_a_real_cpu_trace_of_a_gradient_step(tmp_path, capsys):

@@ -2,26 +2,30 @@
 
 The command line is experiments/profile_summary.py. A profile directory is what
 `jax.profiler.trace` wrote (experiments.benchmark's --profile_dir, the trainer's WORKDIR/profile);
-the latest `*.trace.json.gz` under it is read. Every event that XLA tags with the HLO instruction
-it ran (CPU thunks, GPU kernels) counts, per device and per compiled module:
+the latest `*.trace.json.gz` under it is read. The events that XLA tags with the HLO instruction
+they ran on a device count (the CPU's thunks, which carry their device's ordinal; a GPU's
+kernels; not the host's kernel launches), per device and per compiled module:
 
-- op time per step (self time: a conditional's or a loop's own time, without the ops inside it,
-  so nothing is counted twice), by category (dot, convolution, fused attention, elementwise
-  fusion, collective, copy or transpose, other) and by phase (forward, backward, other: the
-  optimizer and the loss), and the top instructions;
-- the span of each execution, first op start to last op end: op time / span is how busy the
+- op time per execution (self time: a conditional's or a loop's own time, without the ops inside
+  it, so nothing is counted twice), by category (see CATEGORIES), by phase (forward, backward,
+  other: what is not differentiated, such as the optimizer's update; a fusion takes the phase of
+  its root op, and a loss taken inside value_and_grad is forward) and by instruction;
+- the span of the executions, first op start to last op end: op time / span is how busy the
   device was. On a GPU the gap is the device waiting for kernels to be launched; on the CPU,
   where XLA spreads one device's ops over the threads of its pool, op time can exceed the span.
+  A GPU's events do not number their executions: pass `steps` (one span then covers them all,
+  the gaps between steps included).
 
 On the CPU, tracing costs every op a fixed amount, which a program of many small ops feels: the
 shakespeare_char step (about 660 ops per device) spans 62 ms traced against 31 ms untraced, and
-its all-reduce, where each device waits for the other, grows most. Read the shares of a CPU
-profile, and time steps untraced (the benchmark's rounds, the trainer's steps/s).
+its all-reduce, where each device waits for the other, grows most. Read a CPU profile for its
+shares, and time steps untraced (the benchmark's rounds, the trainer's steps/s).
 
 Given the compiled module's text (`compiled.as_text()`; the benchmark and the trainer write it
-next to the trace, write_hlo), instructions are named by the source operation they came from (the JAX
-name stack, with layer indices folded: layer_3/mlp -> layer_N/mlp), and phases come from it;
-without it phases are unknown. Collective time includes waiting for the other devices to arrive.
+next to the trace, write_hlo), that module's instructions are named by the source operation they
+came from (the JAX name stack, with layer indices folded: layer_3/mlp -> layer_N/mlp), phases
+come from it, and custom calls are placed by their target (cuDNN's attention, cuBLAS); without
+it phases are unknown. Collective time includes waiting for the other devices to arrive.
 """
 
 import collections
@@ -35,31 +39,34 @@ import re
 import jax
 
 
-CATEGORIES = ('dot', 'convolution', 'fused attention', 'elementwise fusion', 'collective',
-              'copy/transpose', 'other')
+CATEGORIES = ('dot', 'convolution', 'fused attention', 'elementwise or reduce fusion',
+              'collective', 'copy/transpose', 'other')
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all',
                 'collective-broadcast', 'send', 'recv')
 
 
 def category(op: str) -> str:
-  """The category of an HLO instruction (or GPU kernel) name; see CATEGORIES."""
+  """The category of an HLO instruction, a custom call's target or a GPU kernel's name; see
+  CATEGORIES."""
   name = op.lower()
   if any(name.startswith(c) for c in _COLLECTIVES) or 'nccl' in name:
     return 'collective'
   # Before attention and dots: cuDNN's convolutions; 'convert' is not a convolution.
-  if re.search(r'(^|[_.\-])conv(olution)?([_.\-]|\d|$)', name):
+  if re.search(r'(^|[_.\-$])conv(olution)?([_.\-$]|\d|$)', name) or 'cudnn$conv' in name:
     return 'convolution'
   if any(k in name for k in ('fmha', 'flash', 'attention', 'sdpa')):
     return 'fused attention'
-  if any(k in name for k in ('dot', 'gemm', 'matmul', 'cublas', 'xmma', 'cutlass')):
+  if any(k in name for k in ('dot', 'gemm', 'matmul', 'cublas', 'xmma', 'cutlass')) \
+      or name.startswith('ynn_fusion'):  # YNNPACK's fusions are its dots
     return 'dot'
-  if 'fusion' in name or name.startswith(('loop_', 'input_', 'triton')):
+  bare = re.sub(r'^(loop|input|wrapped)_', '', re.sub(r'[.\d]+$', '', name))
+  if 'fusion' in name or name.startswith('triton'):
     # XLA names a fusion after its ops; copy/transpose-only fusions move data, nothing else.
-    parts = [p for p in re.sub(r'[.\d]+$', '', name).split('_') if p != 'fusion']
+    parts = [p for p in bare.split('_') if p != 'fusion']
     if parts and all(p in ('copy', 'transpose', 'bitcast') for p in parts):
       return 'copy/transpose'
-    return 'elementwise fusion'
-  if name.startswith(('copy', 'transpose')):
+    return 'elementwise or reduce fusion'
+  if bare.startswith(('copy', 'transpose')):
     return 'copy/transpose'
   return 'other'
 
@@ -79,13 +86,27 @@ def phase(source: str | None) -> str:
   return 'other'
 
 
-def hlo_sources(hlo_text: str) -> dict[str, str]:
-  """{instruction name: its op_name metadata} from a compiled module's text."""
-  sources = {}
-  for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"',
-                       hlo_text, re.M):
-    sources.setdefault(m.group(1), m.group(2))
-  return sources
+@dataclasses.dataclass
+class HloInfo:
+  """What a compiled module's text says of its instructions."""
+  module: str                                        # the HloModule's name, e.g. jit_train_step
+  sources: dict[str, str]                            # instruction -> its op_name metadata
+  targets: dict[str, str]                            # custom call -> its custom_call_target
+
+
+def parse_hlo(hlo_text: str) -> HloInfo:
+  """The module name, op_name sources and custom-call targets of a compiled module's text."""
+  header = re.search(r'^HloModule ([\w.\-]+)', hlo_text, re.M)
+  sources, targets = {}, {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*)$', hlo_text, re.M):
+    name, rest = m.groups()
+    source = re.search(r'metadata=\{[^}]*?op_name="([^"]*)"', rest)
+    if source:
+      sources.setdefault(name, source.group(1))
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    if target:
+      targets.setdefault(name, target.group(1))
+  return HloInfo(header.group(1) if header else '', sources, targets)
 
 
 def find_trace(profile_dir: str) -> str:
@@ -126,8 +147,8 @@ def summarize(trace_path: str, hlo_text: str | None = None, top: int = 25,
               steps: int | None = None) -> dict:
   """The per-device, per-module summary of one trace (see the module docstring).
 
-  steps: executions per module where the trace does not number them (events without run_id);
-  by default the run_ids are counted, else 1.
+  steps: executions per module where the trace does not number them (a GPU's events carry no
+  run_id); by default the CPU's run_ids are counted, else 1 (and the summary says so).
   """
   with gzip.open(trace_path, 'rt', encoding='utf-8') as f:
     trace = json.load(f)
@@ -140,17 +161,21 @@ def summarize(trace_path: str, hlo_text: str | None = None, top: int = 25,
       by_thread[(e['pid'], e.get('tid'))].append(
           _Event(e.get('name', ''), float(e['ts']), float(e['ts']) + float(e['dur']),
                  e.get('args') or {}))
-  sources = hlo_sources(hlo_text) if hlo_text else {}
+  hlo = parse_hlo(hlo_text) if hlo_text else HloInfo('', {}, {})
   groups = collections.defaultdict(list)  # (device, module) -> op events
   for (pid, tid), thread_events in by_thread.items():
-    if '/device:' in process_names.get(pid, ''):
+    process = process_names.get(pid, str(pid))
+    on_device = '/device:' in process
+    if on_device:
       # An accelerator's kernels without XLA's tag (a library's own kernel) count under their
       # own name.
       for e in thread_events:
         if not e.args.get('hlo_op'):
           e.args = dict(e.args, hlo_op=e.name, hlo_module=e.args.get('hlo_module', 'untagged'))
     for e in _with_self_time(thread_events):
-      device = process_names.get(pid, str(pid))
+      if not on_device and 'device_ordinal' not in e.args:
+        continue  # the host launching a GPU kernel (CUPTI's copy of the kernel's tags)
+      device = process
       if 'device_ordinal' in e.args:
         device = f'{device} device {e.args["device_ordinal"]}'
       groups[(device, e.args.get('hlo_module', '?'))].append(e)
@@ -164,23 +189,32 @@ def summarize(trace_path: str, hlo_text: str | None = None, top: int = 25,
     executions = len(runs) if numbered else (steps or 1)
     spans = ([max(e.end for e in r) - min(e.start for e in r) for r in runs.values()]
              if numbered else [max(e.end for e in ops) - min(e.start for e in ops)])
-    span_s = sum(spans) / 1e6 / executions
+    known = module == hlo.module  # the text describes this module's instructions only
     by_category = collections.Counter()
     by_phase = collections.Counter()
     per_op = collections.defaultdict(lambda: [0.0, 0])
     for e in ops:
       op = e.args['hlo_op']
-      source = sources.get(op)
-      by_category[category(op)] += e.self_us
+      source = hlo.sources.get(op) if known else None
+      kind = category(op)
+      if kind == 'other':  # a custom call by its target, else the kernel by its own name
+        kind = category(hlo.targets.get(op, '') if known else '')
+        if kind == 'other':
+          kind = category(e.name)
+      by_category[kind] += e.self_us
       by_phase[phase(source)] += e.self_us
-      key = (re.sub(r'\.\d+$', '', op), _fold_layers(source) if source else '')
+      # Instructions of one source are one row (layer_0's dot and layer_1's); without the text
+      # each instruction is its own.
+      key = (re.sub(r'\.\d+$', '', op) if source else op, _fold_layers(source) if source else '')
       per_op[key][0] += e.self_us
       per_op[key][1] += 1
     total_us = sum(e.self_us for e in ops)
     per_step = lambda us: us / 1e6 / executions
     summaries.append({
         'device': device, 'module': module, 'executions': executions,
-        'op_seconds_per_step': per_step(total_us), 'span_seconds_per_step': span_s,
+        'executions_counted': numbered,
+        'op_seconds_per_step': per_step(total_us),
+        'span_seconds_per_step': sum(spans) / 1e6 / executions,
         'by_category': {c: per_step(by_category[c]) for c in CATEGORIES if by_category[c]},
         'by_phase': {p: per_step(v) for p, v in by_phase.most_common()},
         'top_ops': [{'op': op, 'source': source, 'seconds_per_step': per_step(us),
@@ -188,19 +222,26 @@ def summarize(trace_path: str, hlo_text: str | None = None, top: int = 25,
                     for (op, source), (us, n) in sorted(per_op.items(),
                                                         key=lambda kv: -kv[1][0])[:top]],
     })
-  return {'trace': trace_path, 'modules': summaries}
+  return {'trace': trace_path, 'hlo_module': hlo.module or None, 'modules': summaries}
+
+
+NO_OPS = ('no XLA op events in the trace: run the step inside the trace (and block on its '
+          'result before the trace ends); on a GPU, check that CUPTI loads (the profiler logs it).')
 
 
 def format_summary(summary: dict, min_fraction: float = 0.01) -> str:
   """The summary as text: one block per device and module, longest modules first."""
   lines = [f'Profile: {summary["trace"]}']
   modules = sorted(summary['modules'], key=lambda m: -m['op_seconds_per_step'])
-  longest = modules[0]['op_seconds_per_step'] if modules else 0.0
+  if not modules:
+    return '\n'.join(lines + [NO_OPS[0].upper() + NO_OPS[1:]])
+  longest = modules[0]['op_seconds_per_step']
   for m in modules:
-    if m['op_seconds_per_step'] < min_fraction * longest:
-      continue
     total = m['op_seconds_per_step']
-    lines.append(f'\n{m["device"]}, {m["module"]} ({m["executions"]} executions): '
+    if total <= 0 or total < min_fraction * longest:
+      continue
+    counted = '' if m['executions_counted'] else ', as given: the trace does not number them'
+    lines.append(f'\n{m["device"]}, {m["module"]} ({m["executions"]} executions{counted}): '
                  f'{total * 1e3:.2f} ms of ops per execution over a span of '
                  f'{m["span_seconds_per_step"] * 1e3:.2f} ms')
     for title, table in (('category', m['by_category']), ('phase', m['by_phase'])):
