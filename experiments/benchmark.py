@@ -57,6 +57,7 @@ import optax  # noqa: E402
 import ptm_jax  # noqa: E402
 from ptm_jax.models import bert, clip, gpt2, layers, resnet, vit  # noqa: E402
 from ptm_jax.train import hardware, objectives, optimizers, profiling, runtime  # noqa: E402
+from experiments import profile_summary  # noqa: E402
 
 MODELS = ('gpt2', 'bert', 'vit', 'resnet', 'clip')
 _TINY_TRANSFORMER = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
@@ -137,7 +138,8 @@ flags.DEFINE_enum('malloc', 'retain', ('retain', 'default'), 'glibc malloc setti
                   'process (both sides): retain = one arena that keeps freed memory for reuse '
                   '(RETAIN_MALLOC); default = glibc\'s own.')
 PROFILED_STEPS = 3  # --profile_dir: steps of ours traced after the timed rounds
-flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of 3 more steps of ours '
+flags.DEFINE_string('profile_dir', '', f'Also write a jax.profiler trace of {PROFILED_STEPS} more '
+                    'steps of ours '
                     'here (TensorBoard\'s profile tab or xprof) with the step\'s compiled text, '
                     'and print and record where the step\'s time went '
                     '(ptm_jax.train.profiling).')
@@ -644,21 +646,20 @@ def run(opts: Options) -> dict:
 def _profile_record(profile_dir: str) -> dict:
   """Prints where the traced steps' time went; returns its totals per device for the JSON."""
   try:
-    with open(os.path.join(profile_dir, 'ours_step.hlo.txt'), encoding='utf-8') as f:
-      profile = profiling.summarize(profiling.find_trace(profile_dir), f.read(), top=10,
-                                    steps=PROFILED_STEPS)
+    profile = profile_summary.run(profile_dir, os.path.join(profile_dir, 'ours_step.hlo.txt'),
+                                  top=10, steps=PROFILED_STEPS)
   except Exception as e:  # pylint: disable=broad-except
     # A trace this reader does not know (another backend's format) must not cost the timings.
     logging.warning('The profile in %s was written but not summarized: %r', profile_dir, e)
     return {'dir': profile_dir, 'error': repr(e)}
-  print(profiling.format_summary(profile), flush=True)
   if not profile['modules']:
-    logging.warning('The profile in %s has %s', profile_dir, profiling.NO_OPS)
+    logging.warning('The profile in %s: %s', profile_dir, profiling.NO_OPS)
   # Op time by category and phase per device (the top ops are in the printed table).
   return {'dir': profile_dir, 'modules': [
       {k: m[k] for k in ('device', 'module', 'op_seconds_per_step', 'span_seconds_per_step',
                          'executions', 'executions_counted', 'by_category', 'by_phase')}
       for m in profile['modules'] if m['module'].startswith('jit_')]}
+
 
 TASKS = {
     'gpt2': 'causal LM (GPT2LMHeadModel), loss over the B x (T - 1) next tokens',

@@ -42,7 +42,6 @@ from ptm_jax.train import (checkpointing, distributed, hardware, objectives, opt
                            profiling, runtime)
 from ptm_jax.train.config import RESUMABLE_KEYS, finalize
 
-
 # ------------------------------------------------------------------------------------------------
 # Model and train state.
 
@@ -638,8 +637,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   try:
     for step in range(start + 1, config.total_steps + 1):
       if config.profile.num_steps and step == config.profile.start_step + 1:
-        # The step's compiled text beside the trace names its ops (experiments.profile_summary).
         jax.block_until_ready(state)  # the trace holds the profiled steps only
+        # The step's compiled text beside the trace names its ops (experiments.profile_summary).
         if is_writer:
           profiling.write_hlo(compiled, os.path.join(workdir, 'profile'), 'train_step')
         jax.profiler.start_trace(os.path.join(workdir, 'profile'),

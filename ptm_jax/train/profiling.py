@@ -225,7 +225,7 @@ def summarize(trace_path: str, hlo_text: str | None = None, top: int = 25,
   return {'trace': trace_path, 'hlo_module': hlo.module or None, 'modules': summaries}
 
 
-NO_OPS = ('no XLA op events in the trace: run the step inside the trace (and block on its '
+NO_OPS = ('No XLA op events in the trace: run the step inside the trace (and block on its '
           'result before the trace ends); on a GPU, check that CUPTI loads (the profiler logs it).')
 
 
@@ -234,7 +234,7 @@ def format_summary(summary: dict, min_fraction: float = 0.01) -> str:
   lines = [f'Profile: {summary["trace"]}']
   modules = sorted(summary['modules'], key=lambda m: -m['op_seconds_per_step'])
   if not modules:
-    return '\n'.join(lines + [NO_OPS[0].upper() + NO_OPS[1:]])
+    return '\n'.join(lines + [NO_OPS])
   longest = modules[0]['op_seconds_per_step']
   for m in modules:
     total = m['op_seconds_per_step']
