@@ -20,9 +20,13 @@ ours one jax.jit step with the state donated; the peer loss.backward(), torch.op
 (fused where torch has it), zero_grad(). infer = the forward pass to the logits: ours jitted, the
 peer under torch.inference_mode(). Both sides get the same batch every step.
 
-Timing: `warmup` untimed steps of each side (ours also compiled before, timed as compile_s), then
-`steps` rounds of one step of ours and one of the peer's, alternating, so that background load
-hits both alike; the median step time of each side gives its throughput. A step ends when its
+Timing: `warmup` untimed steps of each side (ours also compiled before, timed as compile_s), and
+more (up to MAX_WARMUP in all) while a warm-up round still page-faults (SETTLED_FAULTS): the
+first steps of a process grow its heap to the steps' high-water mark and fault every new page
+in, seconds of kernel time that no later step pays (GPT-2 small's third step of ours: 366,000
+faults, 5.8 s against 3.3). Then `steps` rounds of one step of ours and one of the peer's,
+alternating, so that background load hits both alike; the median step time of each side gives
+its throughput, and each timed step's page faults are recorded (minor_faults). A step ends when its
 results are on the device (jax.block_until_ready; torch.cuda.synchronize on a GPU).
 
 Defaults (the issue's shapes): gpt2 small, 4 x 256 tokens; bert base, 8 x 128; vit b16 and
@@ -122,8 +126,13 @@ flags.DEFINE_enum('dtype', 'float32', tuple(DTYPES), 'Compute dtype; bfloat16 is
 flags.DEFINE_enum('attention', 'auto', tuple(ATTENTION), 'Our attention implementation '
                   '(jax.nn.dot_product_attention): auto lets JAX pick, cudnn is the fused '
                   'kernel on NVIDIA GPUs.')
+# A warm-up round (one step of each side) that page-faults fewer pages than this (4 MB) has
+# found the heap it needs; MAX_WARMUP bounds the warm-up steps where it never settles.
+SETTLED_FAULTS = 1000
+MAX_WARMUP = 12
 flags.DEFINE_integer('steps', 5, 'Timed rounds (one step of each side per round).')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps of each side before the rounds.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps of each side before the rounds, at least; '
+                     f'more (up to {MAX_WARMUP}) while a warm-up round still page-faults.')
 # seed and dry_run share their names (and meaning) with flags of experiments/train.py and
 # transfer_study.py; allow_override lets the entry points be imported into one process (the tests).
 flags.DEFINE_integer('seed', 0, 'Seed of the weights and the batch.', allow_override=True)
@@ -428,10 +437,21 @@ def resolve_shape(opts: Options) -> tuple[int, int | None, int | None]:
   return batch, seq, image
 
 
-def _timed(fn) -> tuple[Any, float]:
+def _minor_faults() -> int:
+  """The process's minor page faults so far (0 where the OS does not count them)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # not POSIX
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn) -> tuple[Any, float, int]:
+  """(fn(), its wall seconds, the minor page faults of the process meanwhile)."""
+  faults = _minor_faults()
   start = time.perf_counter()
   out = fn()
-  return out, time.perf_counter() - start
+  return out, time.perf_counter() - start, _minor_faults() - faults
 
 
 def run(opts: Options) -> dict:
@@ -530,26 +550,38 @@ def run(opts: Options) -> dict:
       return jax.block_until_ready(compiled(variables, batch))
 
   times_ours, times_peer = [], []
+  faults_ours, faults_peer = [], []
   check_ours, check_peer = [], []
+  warmup_steps = 0
   if not opts.dry_run:
     # Warm-up: the first steps also give the loss check (train: the loss before and after one
     # identical update) or the logits of the two sides.
-    for i in range(max(opts.warmup, 2 if opts.mode == 'train' else 1)):
-      out = ours()
+    least = max(opts.warmup, 2 if opts.mode == 'train' else 1)
+    while warmup_steps < max(least, MAX_WARMUP):
+      i = warmup_steps
+      out, _, faults = _timed(ours)
       if opts.mode == 'train' and i < 2:
         check_ours.append(float(out))
       elif i == 0:
         check_ours.append(np.asarray(out, np.float32))
       if peer is not None:
-        out = peer()
+        out, _, peer_faults = _timed(peer)
+        faults += peer_faults
         if opts.mode == 'train' and i < 2:
           check_peer.append(float(out))
         elif i == 0:
           check_peer.append(out.float().cpu().numpy())
+      warmup_steps += 1
+      if warmup_steps >= least and faults < SETTLED_FAULTS:
+        break
     for i in range(opts.steps):
-      times_ours.append(_timed(ours)[1])
+      _, seconds, faults = _timed(ours)
+      times_ours.append(seconds)
+      faults_ours.append(faults)
       if peer is not None:
-        times_peer.append(_timed(peer)[1])
+        _, seconds, faults = _timed(peer)
+        times_peer.append(seconds)
+        faults_peer.append(faults)
       logging.info('round %d/%d: ours %.4f s, peer %s s', i + 1, opts.steps, times_ours[-1],
                    f'{times_peer[-1]:.4f}' if times_peer else '-')
     if opts.profile_dir:  # after the timed rounds, so that tracing does not slow them
@@ -562,20 +594,20 @@ def run(opts: Options) -> dict:
   platform_name = device.platform
   peak = hardware.peak_flops(device)
 
-  def side(times, flops):
+  def side(times, faults, flops):
     if not times:
       return {'throughput': None, 'unit': unit, 'step_s': None, 'times_s': []}
     median = statistics.median(times)
     # best_step_s: the fastest round, the least disturbed by other work on a shared machine.
     out = {'throughput': items / median, 'unit': unit, 'step_s': median,
            'best_step_s': min(times),
-           'times_s': [round(t, 6) for t in times]}
+           'times_s': [round(t, 6) for t in times], 'minor_faults': faults}
     if flops:
       out['achieved_flops_per_s'] = flops / median
       out['mfu'] = flops / (median * peak) if peak else None
     return out
 
-  ours_record = side(times_ours, model_flops)
+  ours_record = side(times_ours, faults_ours, model_flops)
   ours_record['compile_s'] = compile_s
   ours_record['peak_memory_bytes'] = memory_bytes(compiled)
   ours_record['peak_memory_note'] = MEMORY_NOTES['ours_xla']
@@ -591,7 +623,7 @@ def run(opts: Options) -> dict:
 
   peer_record = None
   if peer is not None:
-    peer_record = side(times_peer, model_flops)
+    peer_record = side(times_peer, faults_peer, model_flops)
     peer_record['framework'] = (
         f'transformers {transformers.__version__} {architecture}, torch {torch.__version__} '
         f'eager' + ('' if family == 'resnet' else ', sdpa attention'))
@@ -617,7 +649,8 @@ def run(opts: Options) -> dict:
       'mfu_formula': MFU_FORMULA if peak else None,
       'peak_flops_per_s': peak,
       'task': TASKS[family],
-      'steps': opts.steps, 'warmup': opts.warmup, 'dry_run': opts.dry_run,
+      'steps': opts.steps, 'warmup': opts.warmup, 'warmup_steps': warmup_steps,
+      'dry_run': opts.dry_run,
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'versions': {'jax': jax.__version__, 'python': platform.python_version()},
   }

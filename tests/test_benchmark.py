@@ -52,6 +52,10 @@ def test_tiny_benchmark_against_torch(tmp_path, model, mode, shape):
     assert SIDE_KEYS <= set(record[side]), side
     assert record[side]['throughput'] > 0
     assert len(record[side]['times_s']) == 2
+    # Each timed step's page faults (the warm-up runs until the heap has settled).
+    faults = record[side]['minor_faults']
+    assert len(faults) == 2 and all(isinstance(f, int) and f >= 0 for f in faults)
+  assert 2 <= record['warmup_steps'] <= benchmark.MAX_WARMUP
   assert record['ours']['compile_s'] > 0
   assert record['ours']['peak_memory_bytes'] > 0
   # On the CPU the peer's memory is not measured, and the JSON says why.

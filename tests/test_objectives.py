@@ -99,6 +99,41 @@ def test_causal_lm_matches_torch():
   assert int(metrics['num_tokens']) == int((labels != -100).sum())
 
 
+@pytest.mark.parametrize('label_smoothing', [0.0, 0.2])
+def test_vocabulary_sized_class_axis_matches_torch_and_the_class_minor_path(label_smoothing):
+  # From CLASS_MAJOR_MIN_CLASSES classes on, the CPU backend computes the loss class-major: the
+  # same values and gradients as the class-last computation (_cross_entropy_along(axis=-1)),
+  # the same metrics, and NaN at an out-of-range label.
+  k = obj.CLASS_MAJOR_MIN_CLASSES + 3
+  logits = random_logits(2, 5, k)
+  labels = random_labels((2, 5), k, seed=3)
+  loss, metrics = jax.jit(lambda l, y: obj.classification_loss(
+      l, y, label_smoothing=label_smoothing))(logits, labels)
+  np.testing.assert_allclose(
+      loss, torch_ce(logits, labels, ignore_index=-100, label_smoothing=label_smoothing),
+      rtol=1e-6)
+  assert float(metrics['accuracy']) == pytest.approx(numpy_accuracy(logits, labels), abs=1e-7)
+
+  def class_minor(l, y):
+    losses, scored, _ = obj._cross_entropy_along(l, y, label_smoothing, axis=-1)
+    return obj.weighted_sum(losses, scored)
+
+  def chosen(l, y):
+    losses, scored, _ = obj._cross_entropy(l, y, label_smoothing)
+    return obj.weighted_sum(losses, scored)
+
+  hlo = jax.jit(chosen).lower(logits, labels).as_text()
+  assert ('transpose' in hlo) == (jax.default_backend() == 'cpu')  # the class-major move
+  value, grad = jax.jit(jax.value_and_grad(chosen))(logits, labels)
+  value_minor, grad_minor = jax.jit(jax.value_and_grad(class_minor))(logits, labels)
+  np.testing.assert_allclose(value, value_minor, rtol=1e-6)
+  np.testing.assert_allclose(grad, grad_minor, rtol=1e-5, atol=1e-8)
+  assert np.all(grad[labels == -100] == 0)
+  bad = labels.copy()
+  bad[0, 0] = k
+  assert np.isnan(jax.jit(obj.causal_lm_loss)(logits, bad)[0])
+
+
 def test_mlm_nsp_matches_torch_and_handcrafted_accuracies():
   # Argmax tokens per position, and the labels: row 0 scores positions 0 (right) and 2 (wrong),
   # row 1 scores position 1 (right); NSP gets row 0 right and row 1 wrong.

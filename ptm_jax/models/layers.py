@@ -74,11 +74,12 @@ def tied_logits(x_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
   transposed: XLA's Eigen kernels run it about 1.6x faster that way than with the table as the
   transposed right-hand operand (GPT-2's LM head, 1024 tokens x 50,257 on 2 cores: 299-311 ms
   against 555-580, README: Benchmarks), and the transpose costs about 80 ms of that back. The
-  optimization barrier keeps XLA from folding the transpose into the dot; XLA still fuses the
-  transpose into some readers (the loss's exp reads the vocabulary-major product) and
-  materialises it for the others, up to twice the logits' memory (2 x 206 MB for GPT-2's 1024
-  tokens). A second barrier that sends every reader to the materialised copy changed nothing
-  (experiments/PERFORMANCE.md). The same products either way (the logits were bit-identical in
+  optimization barrier keeps XLA from folding the transpose into the dot. The cross-entropy
+  over a vocabulary (`objectives._cross_entropy`) moves the class axis back to the front on
+  CPU, which cancels this transpose: the loss reads the product as it was written and its
+  gradient comes back vocabulary-major (GPT-2's head and loss, forward and backward, 1.19 to
+  0.70 s; experiments/PERFORMANCE.md); other readers of the logits get the transposed copy. The
+  same products either way (the logits were bit-identical in
   the checks made, the gradients equal to float rounding). Other platforms take the einsum.
   """
   def vocabulary_major(x, table):
