@@ -48,6 +48,11 @@ import tempfile
 import time
 from typing import Any, Callable
 
+try:
+  import resource  # page-fault counts (POSIX)
+except ImportError:
+  resource = None
+
 # JAX must not take 75% of the GPU up front: the torch peer shares it in this process.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
@@ -439,11 +444,7 @@ def resolve_shape(opts: Options) -> tuple[int, int | None, int | None]:
 
 def _minor_faults() -> int:
   """The process's minor page faults so far (0 where the OS does not count them)."""
-  try:
-    import resource  # pylint: disable=g-import-not-at-top
-  except ImportError:  # not POSIX
-    return 0
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def _timed(fn) -> tuple[Any, float, int]:
@@ -557,8 +558,7 @@ def run(opts: Options) -> dict:
     # Warm-up: the first steps also give the loss check (train: the loss before and after one
     # identical update) or the logits of the two sides.
     least = max(opts.warmup, 2 if opts.mode == 'train' else 1)
-    while warmup_steps < max(least, MAX_WARMUP):
-      i = warmup_steps
+    for i in range(max(least, MAX_WARMUP)):
       out, _, faults = _timed(ours)
       if opts.mode == 'train' and i < 2:
         check_ours.append(float(out))
@@ -571,7 +571,7 @@ def run(opts: Options) -> dict:
           check_peer.append(float(out))
         elif i == 0:
           check_peer.append(out.float().cpu().numpy())
-      warmup_steps += 1
+      warmup_steps = i + 1
       if warmup_steps >= least and faults < SETTLED_FAULTS:
         break
     for i in range(opts.steps):

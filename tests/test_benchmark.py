@@ -74,6 +74,21 @@ def test_tiny_benchmark_against_torch(tmp_path, model, mode, shape):
     assert record['logits_check']['max_abs_diff'] <= 1e-4
 
 
+def test_warmup_goes_on_while_the_steps_page_fault(tmp_path, monkeypatch):
+  # Every step of the first three rounds faults (a growing heap); the rounds after none: the
+  # warm-up takes the three, then one settled round, beyond the --warmup=2 asked for.
+  calls = {'n': 0}
+
+  def faults():  # 4 reads a round (before and after each side's step)
+    calls['n'] += 1
+    return 10**6 * min(calls['n'], 12)
+
+  monkeypatch.setattr(benchmark, '_minor_faults', faults)
+  record = run_main(tmp_path, '--model=gpt2', '--size=tiny', '--mode=infer', '--seq_len=8',
+                    '--batch_size=1', '--peer=torch', '--steps=1', '--warmup=2')
+  assert record['warmup_steps'] == 4
+
+
 @pytest.mark.parametrize('model, shape', [('bert', '--seq_len=16'), ('clip', '--seq_len=16')])
 def test_tiny_dry_run(tmp_path, model, shape):
   record = run_main(tmp_path, f'--model={model}', '--size=tiny', '--mode=train', shape,
