@@ -1,5 +1,6 @@
 """Layers that change how XLA computes, never what: cotangent_barrier (the identity, its gradient
-kept out of XLA CPU's fusions), conv_general_dilated (matmul-shaped convolutions as dots),
+kept out of XLA CPU's fusions), dense_dot (nn.Dense's product, its kernel gradient in the form
+XLA CPU's matmuls take), conv_general_dilated (matmul-shaped convolutions as dots),
 tied_logits (the LM head's product, vocabulary-major on CPU) and max_pool (torch's gradient)."""
 
 import re
@@ -57,6 +58,106 @@ def test_its_predicate_needs_no_other_device():
   for collective in ('all-reduce', 'all-gather', 'collective-permute', 'all-to-all'):
     assert collective not in hlo, f'the barrier added a {collective}'
   np.testing.assert_allclose(grad_x(x, w), 1 - np.tanh(1.0)**2, rtol=1e-6)
+
+
+
+@pytest.mark.parametrize('x_shape, features, dtype', [
+    ((2, 5, 4), 6, jnp.float32),      # widening (D <= F): dot(x, g) over the leading axes
+    ((2, 5, 6), 4, jnp.float32),      # narrowing: JAX's form
+    ((7, 3), 3, jnp.float32),         # 2-D input, square kernel
+    ((2, 2, 3, 4), 5, jnp.float32),   # two leading axes to contract
+    ((2, 5, 4), 6, jnp.bfloat16),     # mixed precision: the gradients keep the operands' dtype
+])
+def test_dense_dot_and_its_gradients_equal_lax(x_shape, features, dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), dtype)
+  kernel = jnp.asarray(rng.normal(size=(x_shape[-1], features)), dtype)
+  lax_dot = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k).astype(jnp.float32)))
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(layers.dense_dot(x, kernel), np.float32),
+                             np.asarray(lax_dot(x, kernel), np.float32), rtol=tol, atol=tol)
+  got = jax.jit(jax.grad(loss(layers.dense_dot), (0, 1)))(x, kernel)
+  want = jax.grad(loss(lax_dot), (0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype == dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=tol, atol=tol)
+
+
+def test_dense_kernel_gradient_needs_no_transposed_output_gradient_on_cpu():
+  """The reason dense_dot exists: JAX's own rule has XLA CPU copy g (B*T x F) transposed."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the kernel-gradient form is chosen on CPU only')
+  x, kernel = jnp.ones((2, 5, 4)), jnp.ones((4, 6))  # g is (2, 5, 6): (F, B*T) = (6, 10)
+  transposed_g = re.compile(r'f32\[6,10\]\{1,0\} (fusion|copy|transpose)\(')
+
+  def hlo(product):
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(product(x, k))), (0, 1)))
+    return grad.lower(x, kernel).compile().as_text()
+
+  # The premise (if XLA stops doing this, dense_dot's custom rule is no longer needed) ...
+  assert transposed_g.search(hlo(lambda x, k: jnp.einsum('btd,df->btf', x, k)))
+  # ... and the fix.
+  assert not transposed_g.search(hlo(layers.dense_dot))
+
+
+def test_dense_layers_take_dense_dot_and_plain_autodiff_gives_forward_mode():
+  block = layers.TransformerBlock(2, 4, 16, 'gelu_new', 1e-5, norm_first=True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8)), jnp.float32)
+  params = block.init(jax.random.key(0), x)
+  tangent = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  apply = lambda p: jnp.sum(jnp.sin(block.apply(p, x)))
+  with pytest.raises(TypeError, match='custom_vjp'):
+    jax.jvp(apply, (params,), (tangent,))  # dense_dot: reverse mode only
+  with layers.plain_dense_autodiff():
+    value, directional = jax.jvp(apply, (params,), (tangent,))
+  # Forward mode agrees with reverse mode through dense_dot: <grad, tangent>.
+  grads = jax.grad(apply)(params)
+  want = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent)))
+  np.testing.assert_allclose(value, apply(params), rtol=1e-6)
+  np.testing.assert_allclose(directional, want, rtol=1e-5)
+
+
+
+def test_dots_remat_policies_keep_dense_products():
+  """dense_dot's custom_vjp hides its dot_general from jax.checkpoint_policies.checkpoint_dots;
+  'dots' must still keep the products (no forward dot recomputed), 'full' recompute them."""
+  x, w1, w2 = jnp.ones((8, 16, 8)), jnp.ones((8, 32)), jnp.ones((32, 8))
+  dense = lambda x, w: layers._dense_dot_general(x, w, (((2,), (0,)), ((), ())))
+
+  def dots_in_step(policy):
+    body = lambda x: jnp.sin(dense(jnp.tanh(dense(x, w1)), w2))
+    block = body if policy == 'none' else jax.checkpoint(body, policy=layers.REMAT_POLICIES[policy])
+    step = jax.jit(jax.value_and_grad(lambda x: jnp.sum(block(block(x)))))
+    return step.lower(x).compile().as_text().count(' dot(')
+
+  kept = dots_in_step('none')
+  assert dots_in_step('dots') == dots_in_step('dots_no_batch') == kept
+  assert dots_in_step('full') > kept
+
+
+@pytest.mark.parametrize('t, padded', [(256, False), (130, True), (64, False)])
+def test_causal_attention_by_query_blocks_equals_the_whole(t, padded):
+  """256: 4 blocks of 64 queries; 130: 64 + 64 + 2, with padded keys; 64: one block (plain)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, t, 3, 8)), jnp.float32) for _ in range(3))
+  mask = None
+  if padded:
+    keep = np.ones((2, t), bool)
+    keep[1, -7:] = False
+    mask = layers.padding_mask(jnp.asarray(keep))
+  whole = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, causal=True)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v),
+                       jax.grad(loss(whole), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  if jax.default_backend() == 'cpu':
+    # Blocked, no query row meets the full t x t logits (a 64-token input is one block).
+    hlo = jax.jit(ours).lower(q, k, v).compile().as_text()
+    assert (f'{t},{t}]' in hlo) == (t < 2 * layers.CAUSAL_QUERY_BLOCK), t
 
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
