@@ -88,7 +88,10 @@ def tied_logits(x_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
   def vocabulary_major(x, table):
     b, t, d = x.shape
     logits_VxN = jax.lax.dot_general(table, x.reshape(b * t, d), (((1,), (1,)), ((), ())))
-    return jax.lax.optimization_barrier(logits_VxN).T.reshape(b, t, table.shape[0])
+    # Reshaped before the transpose: the loss's move of the class axis to the front is then a
+    # transpose of a transpose, which XLA folds away (across a reshape it does not).
+    logits_VxBxT = jax.lax.optimization_barrier(logits_VxN).reshape(table.shape[0], b, t)
+    return logits_VxBxT.transpose(1, 2, 0)
 
   return jax.lax.platform_dependent(
       x_BxTxD, embedding_VxD, cpu=vocabulary_major,
