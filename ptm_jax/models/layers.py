@@ -291,7 +291,8 @@ class MultiHeadAttention(nn.Module):
   """Self-attention with separate query/key/value/out projections (torch's layout).
 
   Attention runs through `jax.nn.dot_product_attention`, so a fused kernel (cuDNN flash attention)
-  can be picked on GPU. Dropout on the attention probabilities has no fused form: while it is
+  can be picked on GPU; on CPU, causal self-attention goes by query blocks
+  (`dot_product_attention`). The projections are `dense` layers (`dense_dot`). Dropout on the attention probabilities has no fused form: while it is
   active (training with attention_dropout > 0) the probabilities are computed explicitly.
 
   With decode=True the keys and values are appended to a 'cache' collection of shape
