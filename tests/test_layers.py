@@ -137,28 +137,39 @@ def test_dots_remat_policies_keep_dense_products():
   assert dots_in_step('full') > kept
 
 
-@pytest.mark.parametrize('t, padded', [(256, False), (130, True), (64, False)])
-def test_causal_attention_by_query_blocks_equals_the_whole(t, padded):
-  """256: 4 blocks of 64 queries; 130: 64 + 64 + 2, with padded keys; 64: one block (plain)."""
+@pytest.mark.parametrize('t, padded, causal, dtype', [
+    (256, False, True, jnp.float32),    # 4 blocks of 64 queries
+    (130, True, True, jnp.float32),     # 64 + 64 + 2, with padded keys
+    (64, False, True, jnp.float32),     # one block: the whole, causal mask
+    (197, True, False, jnp.float32),    # ViT / BERT: bidirectional, padded keys
+    (130, True, True, jnp.bfloat16),
+])
+def test_cpu_attention_equals_jaxs(t, padded, causal, dtype):
+  """layers.dot_product_attention (head-major on CPU, causal by query blocks) against
+  jax.nn.dot_product_attention, values and gradients."""
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, t, 3, 8)), jnp.float32) for _ in range(3))
+  q, k, v = (jnp.asarray(rng.normal(size=(2, t, 3, 8)), dtype) for _ in range(3))
   mask = None
   if padded:
     keep = np.ones((2, t), bool)
     keep[1, -7:] = False
     mask = layers.padding_mask(jnp.asarray(keep))
-  whole = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, causal=True)
-  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-  np.testing.assert_allclose(jax.jit(ours)(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-6)
+  whole = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, causal=causal)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  as32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_allclose(as32(jax.jit(ours)(q, k, v)), as32(whole(q, k, v)), rtol=tol,
+                             atol=tol)
   for got, want in zip(jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v),
                        jax.grad(loss(whole), (0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(as32(got), as32(want), rtol=tol, atol=tol)
   if jax.default_backend() == 'cpu':
-    # Blocked, no query row meets the full t x t logits (a 64-token input is one block).
+    # Blocked, no query row meets the full t x t logits (up to 2 blocks' worth it is whole).
     hlo = jax.jit(ours).lower(q, k, v).compile().as_text()
-    assert (f'{t},{t}]' in hlo) == (t < 2 * layers.CAUSAL_QUERY_BLOCK), t
-
+    blocked = causal and t >= 2 * layers.CAUSAL_QUERY_BLOCK
+    assert (f'{t},{t}]' in hlo) != blocked, t
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
