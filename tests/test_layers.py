@@ -60,7 +60,6 @@ def test_its_predicate_needs_no_other_device():
   np.testing.assert_allclose(grad_x(x, w), 1 - np.tanh(1.0)**2, rtol=1e-6)
 
 
-
 @pytest.mark.parametrize('x_shape, features, dtype', [
     ((2, 5, 4), 6, jnp.float32),      # widening (D <= F): dot(x, g) over the leading axes
     ((2, 5, 6), 4, jnp.float32),      # narrowing: JAX's form
@@ -86,10 +85,11 @@ def test_dense_dot_and_its_gradients_equal_lax(x_shape, features, dtype):
 
 
 def test_dense_kernel_gradient_needs_no_transposed_output_gradient_on_cpu():
-  """The reason dense_dot exists: JAX's own rule has XLA CPU copy g (B*T x F) transposed."""
-  if jax.default_backend() != 'cpu':
-    pytest.skip('the kernel-gradient form is chosen on CPU only')
-  x, kernel = jnp.ones((2, 5, 4)), jnp.ones((4, 6))  # g is (2, 5, 6): (F, B*T) = (6, 10)
+  """The reason dense_dot exists: JAX's own rule has XLA CPU copy g (B*T x F) transposed.
+  Compiled for the CPU device, which every JAX install has, whatever the default backend."""
+  cpu = jax.devices('cpu')[0]
+  x = jax.device_put(jnp.ones((2, 5, 4)), cpu)  # g is (2, 5, 6): (F, B*T) = (6, 10)
+  kernel = jax.device_put(jnp.ones((4, 6)), cpu)
   transposed_g = re.compile(r'f32\[6,10\]\{1,0\} (fusion|copy|transpose)\(')
 
   def hlo(product):
@@ -117,7 +117,6 @@ def test_dense_layers_take_dense_dot_and_plain_autodiff_gives_forward_mode():
   want = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent)))
   np.testing.assert_allclose(value, apply(params), rtol=1e-6)
   np.testing.assert_allclose(directional, want, rtol=1e-5)
-
 
 
 def test_dots_remat_policies_keep_dense_products():
@@ -165,11 +164,11 @@ def test_cpu_attention_equals_jaxs(t, padded, causal, dtype):
                        jax.grad(loss(whole), (0, 1, 2))(q, k, v)):
     assert got.dtype == want.dtype == dtype
     np.testing.assert_allclose(as32(got), as32(want), rtol=tol, atol=tol)
-  if jax.default_backend() == 'cpu':
-    # Blocked, no query row meets the full t x t logits (up to 2 blocks' worth it is whole).
-    hlo = jax.jit(ours).lower(q, k, v).compile().as_text()
-    blocked = causal and t >= 2 * layers.CAUSAL_QUERY_BLOCK
-    assert (f'{t},{t}]' in hlo) != blocked, t
+  # On the CPU device, blocked: no query row meets the full t x t logits (below 2 blocks' worth
+  # it is whole).
+  hlo = jax.jit(ours).lower(*jax.device_put((q, k, v), jax.devices('cpu')[0])).compile().as_text()
+  blocked = causal and t >= 2 * layers.CAUSAL_QUERY_BLOCK
+  assert (f'{t},{t}]' in hlo) != blocked, t
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 

@@ -151,8 +151,11 @@ def dense_dot(x_BxTxD: jax.Array, kernel_DxF: jax.Array, precision=None) -> jax.
   A custom_vjp function has no forward-mode derivative: for jax.jvp through a model, build it
   under `plain_dense_autodiff()`.
   """
-  return jax.lax.dot_general(x_BxTxD, kernel_DxF, (((x_BxTxD.ndim - 1,), (0,)), ((), ())),
-                             precision=precision)
+  return _dense_product(x_BxTxD, kernel_DxF, precision)
+
+
+def _dense_product(x, kernel, precision):
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
 def _dense_dot_fwd(x, kernel, precision):
@@ -172,7 +175,7 @@ def _dense_dot_bwd(precision, saved, g):
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
   def default(x, kernel, g):
-    return jax.vjp(lambda x, kernel: dense_dot.fun(x, kernel, precision), x, kernel)[1](g)
+    return jax.vjp(lambda x, kernel: _dense_product(x, kernel, precision), x, kernel)[1](g)
 
   return jax.lax.platform_dependent(x, kernel, g, cpu=cpu, default=default)
 
@@ -378,8 +381,7 @@ class MultiHeadAttention(nn.Module):
   def _attention_with_dropout(self, q, k, v, mask, causal):
     logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
     if causal:
-      t, s = q.shape[1], k.shape[1]
-      causal_mask = jnp.tril(jnp.ones((t, s), bool))[None, None]
+      causal_mask = _causal_mask(q.shape[1], k.shape[1])
       mask = causal_mask if mask is None else jnp.logical_and(mask, causal_mask)
     if mask is not None:
       logits_BxNxTxS = jnp.where(mask, logits_BxNxTxS, jnp.finfo(logits_BxNxTxS.dtype).min)
@@ -624,7 +626,7 @@ class PatchEmbedding(nn.Module):
 _policies = jax.checkpoint_policies
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
+    'full': _policies.nothing_saveable,
     'dots': _policies.save_from_both_policies(
         _policies.checkpoint_dots, _policies.save_only_these_names(DENSE_DOT_NAME)),
     'dots_no_batch': _policies.save_from_both_policies(  # a Dense product has no batch axes
