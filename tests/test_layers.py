@@ -3,6 +3,7 @@ kept out of XLA CPU's fusions), dense_dot (nn.Dense's product, its kernel gradie
 XLA CPU's matmuls take), conv_general_dilated (matmul-shaped convolutions as dots),
 tied_logits (the LM head's product, vocabulary-major on CPU) and max_pool (torch's gradient)."""
 
+import contextlib
 import re
 
 import jax
@@ -13,6 +14,38 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 import torch
 
 from ptm_jax.models import layers
+
+
+@contextlib.contextmanager
+def _traced_for_cpu():
+  """The CPU forms (`layers.by_platform`), whatever the default backend: the CPU device's mesh
+  set. Arrays placed on the CPU device with it run those forms there."""
+  with jax.set_mesh(jax.make_mesh((1,), ('x',), axis_types=(AxisType.Auto,),
+                                  devices=jax.devices('cpu')[:1])):
+    yield
+
+
+def test_by_platform_traces_only_the_branch_of_the_platform_it_runs_on():
+  traced = []
+
+  def f(x):
+    return layers.by_platform(x, cpu=lambda x: traced.append('cpu') or x + 1,
+                              default=lambda x: traced.append('default') or x + 2)
+
+  jaxpr = str(jax.make_jaxpr(f)(1.0))
+  assert traced == ['cpu' if jax.default_backend() == 'cpu' else 'default']
+  assert 'platform_index' not in jaxpr and 'cond' not in jaxpr, jaxpr
+  traced.clear()
+  with _traced_for_cpu():  # the mesh's platform decides
+    assert layers.traced_platform() == 'cpu'
+    assert float(jax.jit(f)(jax.device_put(1.0, jax.devices('cpu')[0]))) == 2.0
+  assert traced == ['cpu']
+  traced.clear()
+  tpu = jax.sharding.AbstractMesh(
+      (1,), ('x',), abstract_device=jax.sharding.AbstractDevice('TPU v5p', None, 'tpu'))
+  with jax.sharding.use_abstract_mesh(tpu):
+    jax.make_jaxpr(f)(1.0)
+  assert traced == ['default']
 
 
 def _loss(x, w):
@@ -94,7 +127,8 @@ def test_dense_kernel_gradient_needs_no_transposed_output_gradient_on_cpu():
 
   def hlo(product):
     grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(product(x, k))), (0, 1)))
-    return grad.lower(x, kernel).compile().as_text()
+    with _traced_for_cpu():
+      return grad.lower(x, kernel).compile().as_text()
 
   # The premise (if XLA stops doing this, dense_dot's custom rule is no longer needed) ...
   assert transposed_g.search(hlo(lambda x, k: jnp.einsum('btd,df->btf', x, k)))
@@ -158,15 +192,18 @@ def test_cpu_attention_equals_jaxs(t, padded, causal, dtype):
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   as32 = lambda a: np.asarray(a, np.float32)
-  np.testing.assert_allclose(as32(jax.jit(ours)(q, k, v)), as32(whole(q, k, v)), rtol=tol,
-                             atol=tol)
-  for got, want in zip(jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v),
-                       jax.grad(loss(whole), (0, 1, 2))(q, k, v)):
+  q, k, v = jax.device_put((q, k, v), jax.devices('cpu')[0])  # the CPU forms on any backend
+  with _traced_for_cpu():
+    got_out = jax.jit(ours)(q, k, v)
+    got_grads = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(as32(got_out), as32(whole(q, k, v)), rtol=tol, atol=tol)
+  for got, want in zip(got_grads, jax.grad(loss(whole), (0, 1, 2))(q, k, v)):
     assert got.dtype == want.dtype == dtype
     np.testing.assert_allclose(as32(got), as32(want), rtol=tol, atol=tol)
   # On the CPU device, blocked: no query row meets the full t x t logits (below 2 blocks' worth
   # it is whole).
-  hlo = jax.jit(ours).lower(*jax.device_put((q, k, v), jax.devices('cpu')[0])).compile().as_text()
+  with _traced_for_cpu():
+    hlo = jax.jit(ours).lower(q, k, v).compile().as_text()
   blocked = causal and t >= 2 * layers.CAUSAL_QUERY_BLOCK
   assert (f'{t},{t}]' in hlo) != blocked, t
 

@@ -31,6 +31,29 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+def traced_platform() -> str:
+  """The platform a function being traced now will run on: that of the mesh set by
+  `jax.set_mesh` (its abstract mesh carries the devices' platform), else JAX's default backend.
+
+  `by_platform` reads it while tracing. A computation placed on another platform than this one
+  (CPU devices on a GPU machine, with no mesh set) gets the other branch, which computes the same
+  values."""
+  abstract_device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  platform = getattr(abstract_device, 'platform', None)
+  return platform or jax.default_backend()
+
+
+def by_platform(*args, cpu: Callable, default: Callable):
+  """cpu(*args) where the traced computation runs on CPU (`traced_platform`), else default(*args).
+
+  Every use here has two branches that compute the same values, laid out for XLA's CPU backend
+  or for the others. `lax.platform_dependent` would defer the choice to lowering, but it traces
+  and differentiates both branches inside a conditional: GPT-2 small's train step traced in
+  5.0 s with it against 2.5 s with the branch chosen here.
+  """
+  return (cpu if traced_platform() == 'cpu' else default)(*args)
+
+
 def gelu_exact(x):
   """GELU with the erf form, x / 2 * (1 + erf(x / sqrt(2))), as BERT, ViT and torch.nn.GELU()
   compute it. Written with erf, as torch does, rather than jax.nn.gelu's erfc (they agree to 1e-6
@@ -93,7 +116,7 @@ def tied_logits(x_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
     logits_VxBxT = jax.lax.optimization_barrier(logits_VxN).reshape(table.shape[0], b, t)
     return logits_VxBxT.transpose(1, 2, 0)
 
-  return jax.lax.platform_dependent(
+  return by_platform(
       x_BxTxD, embedding_VxD, cpu=vocabulary_major,
       default=lambda x, table: jnp.einsum('btd,vd->btv', x, table))
 
@@ -109,7 +132,7 @@ def cotangent_barrier(x: jax.Array) -> jax.Array:
   (GELU's, LayerNorm's) was evaluated inside the transposing copies that feed the weight-gradient
   dots, a slow strided loop. A conditional is not fused through, so on CPU the tangent goes
   through `lax.cond` on a predicate that is always true but that XLA cannot fold; on other
-  platforms (`lax.platform_dependent`) it is the plain identity. Defined by its JVP, so grad,
+  platforms (`by_platform`) it is the plain identity. Defined by its JVP, so grad,
   jvp and their compositions all work.
   """
   return x
@@ -128,7 +151,7 @@ def _cotangent_barrier_jvp(primals, tangents):
     keep = jax.lax.optimization_barrier(jnp.bool_(True))
     return jax.lax.cond(keep, lambda t: t, jnp.zeros_like, t)
 
-  return x, jax.lax.platform_dependent(t, cpu=cpu, default=lambda t: t)
+  return x, by_platform(t, cpu=cpu, default=lambda t: t)
 
 
 def normal(std: float) -> Initializer:
@@ -177,7 +200,7 @@ def _dense_dot_bwd(precision, saved, g):
   def default(x, kernel, g):
     return jax.vjp(lambda x, kernel: _dense_product(x, kernel, precision), x, kernel)[1](g)
 
-  return jax.lax.platform_dependent(x, kernel, g, cpu=cpu, default=default)
+  return by_platform(x, kernel, g, cpu=cpu, default=default)
 
 
 dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
@@ -317,7 +340,7 @@ def dot_product_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask=None, *, causal:
       outs.append(_head_major_attention(q[:, start:end], k[:, :end], v[:, :end], visible))
     return jnp.concatenate(outs, axis=1)
 
-  return jax.lax.platform_dependent(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, cpu=cpu, default=whole)
+  return by_platform(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, cpu=cpu, default=whole)
 
 
 class MultiHeadAttention(nn.Module):

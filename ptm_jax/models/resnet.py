@@ -167,7 +167,7 @@ def normalize_with_batch_stats(x_MxC, scale_C, bias_C, epsilon: float):
   On CPU the sums are dots (`_normalize_with_dots`); elsewhere the reductions are fast and
   autodiff's backward pass is kept.
   """
-  return jax.lax.platform_dependent(
+  return layers.by_platform(
       x_MxC, scale_C, bias_C,
       cpu=lambda *a: _normalize_with_dots(*a, epsilon),
       default=lambda *a: _normalize_with_reductions(*a, epsilon))

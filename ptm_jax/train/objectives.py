@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptm_jax.models import layers
 from ptm_jax.models import outputs as model_outputs
 
 IGNORE_INDEX = -100
@@ -143,7 +144,7 @@ def _cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return class_minor(logits, labels)
   class_major = lambda x, y: _cross_entropy_along(jnp.moveaxis(x, -1, 0), y, label_smoothing,
                                                   axis=0)
-  return jax.lax.platform_dependent(logits, labels, cpu=class_major, default=class_minor)
+  return layers.by_platform(logits, labels, cpu=class_major, default=class_minor)
 
 
 def _cross_entropy_along(logits, labels, label_smoothing: float, axis: int):
