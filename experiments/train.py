@@ -427,6 +427,8 @@ def evaluate(eval_step, state, loader, objective_name: str, max_steps: int) -> d
   for i, batch in enumerate(loader):
     if max_steps and i >= max_steps:
       break
+    # Fetched before the next batch: many independent multi-device CPU programs in flight at
+    # once can hang XLA's collectives (jax-ml/jax#25861; PERFORMANCE.md, 2026-12-03).
     results.append(_scalars(eval_step(state, batch)))
   if not results:
     raise ValueError(f'The eval split {loader.info.split!r} gave no batch of the global '
