@@ -70,9 +70,9 @@ def test_value_and_gradients_are_the_identitys():
 
 
 def test_the_conditional_survives_compilation_on_cpu():
-  x = jnp.ones((4, 6))
-  w = jnp.ones((6,))
-  hlo = jax.jit(jax.grad(_loss)).lower(x, w).compile().as_text()
+  x, w = jax.device_put((jnp.ones((4, 6)), jnp.ones((6,))), jax.devices('cpu')[0])
+  with _traced_for_cpu():
+    hlo = jax.jit(jax.grad(_loss)).lower(x, w).compile().as_text()
   assert 'conditional' in hlo, 'XLA folded the barrier away: the CPU fusions are unguarded'
 
 
@@ -268,9 +268,10 @@ def test_tied_logits_equal_the_einsum_and_take_the_vocabulary_major_dot_on_cpu()
     for got, want in zip(jax.grad(loss(layers.tied_logits), (0, 1))(x, table),
                          jax.grad(loss(einsum), (0, 1))(x, table)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  if jax.default_backend() == 'cpu':
-    hlo = jax.jit(layers.tied_logits).lower(x, table).compile().as_text()
-    assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'
+  with _traced_for_cpu():
+    hlo = jax.jit(layers.tied_logits).lower(
+        *jax.device_put((x, table), jax.devices('cpu')[0])).compile().as_text()
+  assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'
 
 
 @pytest.mark.parametrize('shape, window, strides, padding', [

@@ -38,9 +38,8 @@ def traced_platform() -> str:
   `by_platform` reads it while tracing. A computation placed on another platform than this one
   (CPU devices on a GPU machine, with no mesh set) gets the other branch, which computes the same
   values."""
-  abstract_device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
-  platform = getattr(abstract_device, 'platform', None)
-  return platform or jax.default_backend()
+  abstract_device = jax.sharding.get_abstract_mesh().abstract_device  # None: no mesh set
+  return abstract_device.platform if abstract_device is not None else jax.default_backend()
 
 
 def by_platform(*args, cpu: Callable, default: Callable):
@@ -48,8 +47,8 @@ def by_platform(*args, cpu: Callable, default: Callable):
 
   Every use here has two branches that compute the same values, laid out for XLA's CPU backend
   or for the others. `lax.platform_dependent` would defer the choice to lowering, but it traces
-  and differentiates both branches inside a conditional: GPT-2 small's train step traced in
-  5.0 s with it against 2.5 s with the branch chosen here.
+  and differentiates both branches inside a conditional: a train step of GPT-2 small's width
+  and depth traced in 5.0 s with it against 2.5 s with the branch chosen here.
   """
   return (cpu if traced_platform() == 'cpu' else default)(*args)
 
