@@ -232,7 +232,8 @@ def make_steps(module, family: str, config, tx) -> Steps:
           out, updates = module.apply(variables, **inputs, train=True, mutable=['batch_stats'],
                                       rngs={'dropout': rng})
           return out, updates
-        return module.apply(variables, **inputs), extra
+        # Frozen statistics: the inference form of BatchNorm, but LoRA's dropout still draws.
+        return module.apply(variables, **inputs, rngs={'dropout': rng} if train else None), extra
       out = module.apply(variables, **inputs, deterministic=not train,
                          rngs={'dropout': rng} if train else None)
     return out, extra

@@ -1,6 +1,7 @@
 """What trains (ptm_jax.adapt.rules): treatments, layer groups, multipliers, gradual unfreezing,
 and the trainer keeping frozen parameters bit-identical."""
 
+import dataclasses
 import json
 import os
 
@@ -13,9 +14,9 @@ import optax
 import pytest
 
 from experiments import train
-from ptm_jax.adapt import ewc, rules
+from ptm_jax.adapt import ewc, methods, rules
 from ptm_jax.data import pipeline
-from ptm_jax.models import gpt2
+from ptm_jax.models import gpt2, resnet
 from ptm_jax.train.config import base_config, finalize
 from tests import adapt_runs
 
@@ -204,6 +205,40 @@ def test_the_train_step_adds_the_ewc_penalty_and_its_gradient():
   np.testing.assert_allclose(held - plain, 0.5 * 3.0 * penalty, rtol=1e-3)
   jax.tree.map(lambda h, p: np.testing.assert_allclose(h - p, 3.0 * 0.5 * -0.01, atol=1e-6),
                held_grads, plain_grads)
+
+
+def test_lora_dropout_on_a_resnet_with_frozen_batch_statistics():
+  """LoRA on a ResNet keeps the checkpoint's BatchNorm statistics (the inference form of the
+  network) but its dropout still draws in training: a dropout key per step, outputs that differ
+  between keys once B != 0, and none of it in evaluation."""
+  config = finalize(base_config())
+  config.data.task = 'image_classification'
+  config.adapt.method = 'lora'
+  config.adapt.lora.dropout = 0.5
+  config.adapt.lora.targets = r'conv$'
+  module = resnet.ResNet(dataclasses.replace(resnet.PRESETS['resnet18'], num_labels=3,
+                                             hidden_sizes=(8, 8, 8, 8), embedding_size=8),
+                         head='classification')
+  pixels = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  with methods.applied(config.adapt):
+    variables = nn.unbox(module.init(jax.random.key(0), pixel_values=pixels))
+  flat = rules.flatten(variables['params'])
+  assert any(p.endswith('lora_b') for p in flat)
+  keys = jax.random.split(jax.random.key(2), len(flat))
+  flat = {p: (0.1 * jax.random.normal(k, v.shape) if p.endswith('lora_b') else v)
+          for k, (p, v) in zip(keys, sorted(flat.items()))}
+  params = rules.unflatten(flat)
+  extra = {'batch_stats': variables['batch_stats']}
+  steps = train.make_steps(module, 'resnet', config, optax.sgd(1.0))
+  batch = {'image': pixels, 'label': np.array([0, 2], np.int32)}
+  loss = jax.jit(steps.loss, static_argnums=4)
+  train_a, (_, extra_a) = loss(params, {}, extra, batch, True, jax.random.key(3))
+  train_b, _ = loss(params, {}, extra, batch, True, jax.random.key(4))
+  eval_a, _ = loss(params, {}, extra, batch, False, jax.random.key(3))
+  eval_b, _ = loss(params, {}, extra, batch, False, jax.random.key(4))
+  assert np.isfinite(float(train_a)) and float(train_a) != float(train_b)
+  assert float(eval_a) == float(eval_b)
+  jax.tree.map(np.testing.assert_array_equal, extra_a, extra)  # the statistics stay frozen
 
 
 def test_forgetting_is_reported_with_ewc_and_rehearsal_on(tmp_path):
