@@ -381,8 +381,9 @@ def test_tfds_mock_image_classification():
     assert loader.info.num_classes == 10
     batch = next(loader)
   assert batch['image'].shape == (8, 16, 16, 3)
-  # ViT normalisation maps [0, 255] to [-1, 1].
+  # ViT normalisation maps [0, 255] to [-1, 1] (not [0, 1], not ImageNet's mean and std).
   assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  assert batch['image'].min() < -0.5 and batch['image'].max() > 0.5
   assert ((batch['label'] >= 0) & (batch['label'] < 10)).all()
 
 

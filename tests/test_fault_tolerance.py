@@ -176,11 +176,12 @@ def assert_same_train_metrics(resumed: dict[int, dict], reference: dict[int, dic
   assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
   assert sorted(reference) == list(range(1, TOTAL_STEPS + 1))
   for step in sorted(reference):
+    # Every record holds them all: a renamed or dropped metric fails here, not silently.
+    assert set(DETERMINISTIC_METRICS) <= set(reference[step]), (step, sorted(reference[step]))
     for key in DETERMINISTIC_METRICS:
-      if key in reference[step]:
-        assert resumed[step][key] == reference[step][key], (
-            f'step {step}: {key} {resumed[step][key]!r} after resumption, '
-            f'{reference[step][key]!r} uninterrupted')
+      assert resumed[step][key] == reference[step][key], (
+          f'step {step}: {key} {resumed[step][key]!r} after resumption, '
+          f'{reference[step][key]!r} uninterrupted')
 
 
 def assert_same_final_state(workdir: pathlib.Path, reference_workdir: pathlib.Path) -> None:
