@@ -39,10 +39,18 @@ def compilation_cache(tmp_path_factory):
   jax_compilation_cache.reset_cache()
 
 
-def test_small_study_writes_every_cell_the_table_and_the_plot(study_dir):
-  all_per_class = int(transfer_study.target_class_sizes().max())
+@pytest.fixture(scope='module')
+def small_study(study_dir):
+  """The small study's rows and table; the notebook's test reuses its runs, whichever test runs
+  first (or alone)."""
   rows = transfer_study.run_study(str(study_dir), STRATEGIES, ['3', 'all'], small=True)
   table, _ = transfer_study.report(rows, str(study_dir))
+  return rows, table
+
+
+def test_small_study_writes_every_cell_the_table_and_the_plot(study_dir, small_study):
+  all_per_class = int(transfer_study.target_class_sizes().max())
+  rows, table = small_study
 
   with open(study_dir / 'results.csv', newline='') as f:
     reader = csv.reader(f)
@@ -90,7 +98,7 @@ def test_budgets_are_numbers():
     transfer_study.run_study('/nonexistent', ['lroa'], ['5'])
 
 
-def test_notebook_runs_the_study_and_loads_the_source_model(study_dir, capsys):
+def test_notebook_runs_the_study_and_loads_the_source_model(study_dir, small_study, capsys):
   """The notebook's code cells (all but the clone-and-install ones), in the small form."""
   with open(NOTEBOOK) as f:
     cells = [''.join(c['source']) for c in json.load(f)['cells'] if c['cell_type'] == 'code']
@@ -98,7 +106,7 @@ def test_notebook_runs_the_study_and_loads_the_source_model(study_dir, capsys):
                 'SMALL = False': 'SMALL = True',
                 'STRATEGIES = list(METHODS)': "STRATEGIES = ['frozen']",
                 "BUDGETS = ['2', '10', 'all']": "BUDGETS = ['3', '4']"}
-  transfer_study.source_model(str(study_dir), small=True, seed=0, log=print)  # made or loaded
+  del small_study  # its runs at 3 per class are in study_dir
   capsys.readouterr()
   namespace = {}
   for source in cells:
