@@ -83,8 +83,15 @@ def test_split_and_combine_round_trip():
   rates = rules.treatments(params, {'method': 'frozen'}, 'vit')
   trainable, frozen = rules.split(params, rates)
   assert list(trainable) == ['classifier']
-  back = rules.combine(trainable, frozen)
+  assert rules.flatten(trainable).keys() == {p for p, r in rates.items() if r > 0}
+  assert rules.flatten(frozen).keys() == {p for p, r in rates.items() if r == 0}
+  # Every leaf a different value: a leaf put back in another's place fails.
+  flat = rules.flatten(params)
+  params = rules.unflatten({p: jnp.full(v.shape, i, jnp.float32)
+                            for i, (p, v) in enumerate(sorted(flat.items()))})
+  back = rules.combine(*rules.split(params, rates))
   assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_rate_transform_scales_updates_and_holds_leaves_until_they_start():

@@ -219,6 +219,17 @@ def test_normalize_matches_the_formula(name):
                              rtol=1e-6, atol=1e-6)
 
 
+def test_normalization_constants_are_the_published_ones():
+  """Against transformers' own copies (image processors of the ResNet/ViT/CLIP checkpoints)."""
+  from transformers.utils import constants  # pylint: disable=g-import-not-at-top
+  expected = {'imagenet': (constants.IMAGENET_DEFAULT_MEAN, constants.IMAGENET_DEFAULT_STD),
+              'clip': (constants.OPENAI_CLIP_MEAN, constants.OPENAI_CLIP_STD),
+              'vit': (constants.IMAGENET_STANDARD_MEAN, constants.IMAGENET_STANDARD_STD)}
+  for name, (mean, std) in expected.items():
+    np.testing.assert_allclose(im.NORMALIZATION[name][0], mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(im.NORMALIZATION[name][1], std, rtol=0, atol=1e-12)
+
+
 def test_normalize_vit_maps_to_minus_one_one():
   out = im.normalize(np.array([[[0, 255, 0]]], np.uint8), 'vit')
   np.testing.assert_allclose(out, [[[-1.0, 1.0, -1.0]]], atol=1e-7)
