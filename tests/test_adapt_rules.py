@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from experiments import train
+from ptm_jax.adapt import config as adapt_config
 from ptm_jax.adapt import ewc, methods, rules
 from ptm_jax.data import pipeline
 from ptm_jax.models import gpt2, resnet
@@ -109,6 +110,34 @@ def test_rate_transform_scales_updates_and_holds_leaves_until_they_start():
   # a: momentum SGD from step 0; b: nothing at steps 0 and 1, then a fresh momentum trace.
   np.testing.assert_allclose([t['a'] for t in trace], [-0.2, -0.38, -0.542, -0.6878], rtol=1e-6)
   np.testing.assert_allclose([t['b'] for t in trace], [0.0, 0.0, -0.05, -0.095], rtol=1e-6)
+
+
+def test_gradual_unfreezing_rates_and_schedule_in_the_trainers_optimizer():
+  """SGD(lr 1) on gradients of ones: a leaf at depth d moves by factor**-d per step from step
+  d * every on, and not before; every = total_steps // (groups + 1) when not set; a scanned
+  stack is refused."""
+  params = _vit_params()
+  rates = rules.treatments(params, {'method': 'gradual_unfreeze'}, 'vit')
+  trainable, _ = rules.split(params, rates)
+  depths = rules.layer_depths(rules.flatten(trainable))
+  assert sorted(set(depths.values())) == [0, 1, 2, 3, 4]  # head, 3 layers, embeddings
+  adapt = adapt_config.merged_config({'method': 'gradual_unfreeze',
+                                      'gradual': {'factor': 2.0, 'unfreeze_every': 0}})
+  tx = train._adapted_optimizer(optax.sgd(1.0), rates, trainable, adapt, total_steps=12)
+  every = 12 // (5 + 1)
+  state = tx.init(trainable)
+  grads = jax.tree.map(jnp.ones_like, trainable)
+  for step in range(12):
+    updates, state = tx.update(grads, state, trainable)
+    for path, update in rules.flatten(updates).items():
+      d = depths[path]
+      expected = -(2.0 ** -d) if step >= d * every else 0.0
+      np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=f'{path} at step {step}')
+  scanned = {'vit': {'layers': {'mlp': {'kernel': jnp.ones((3, 4, 4))}}},
+             'classifier': {'kernel': jnp.ones((4, 3))}}
+  with pytest.raises(ValueError, match='scan_layers=False'):
+    train._adapted_optimizer(optax.sgd(1.0), {p: 1.0 for p in rules.flatten(scanned)}, scanned,
+                             adapt, total_steps=12)
 
 
 # ------------------------------------------------------------------------------------------------
