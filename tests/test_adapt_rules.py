@@ -277,6 +277,33 @@ def test_lora_dropout_on_a_resnet_with_frozen_batch_statistics():
   jax.tree.map(np.testing.assert_array_equal, extra_a, extra)  # the statistics stay frozen
 
 
+@pytest.mark.parametrize('method,freeze,updated', [('frozen', True, False),
+                                                    ('frozen', False, True),
+                                                    ('full', True, True)])
+def test_batch_statistics_train_unless_frozen(method, freeze, updated):
+  """adapt.freeze_batch_stats keeps a frozen ResNet's BatchNorm statistics as loaded; full
+  fine-tuning (and freeze_batch_stats=False) updates them in every train step."""
+  config = finalize(base_config())
+  config.data.task = 'image_classification'
+  config.adapt.method = method
+  config.adapt.freeze_batch_stats = freeze
+  module = resnet.ResNet(dataclasses.replace(resnet.PRESETS['resnet18'], num_labels=3,
+                                             hidden_sizes=(8, 8, 8, 8), embedding_size=8),
+                         head='classification')
+  pixels = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = nn.unbox(module.init(jax.random.key(0), pixel_values=pixels))
+  extra = {'batch_stats': variables['batch_stats']}
+  steps = train.make_steps(module, 'resnet', config, optax.sgd(1.0))
+  batch = {'image': pixels, 'label': np.array([0, 2], np.int32)}
+  _, (_, new_extra) = steps.loss(variables['params'], {}, extra, batch, True, jax.random.key(3))
+  same = [bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(new_extra),
+                                                      jax.tree.leaves(extra))]
+  assert len(same) == len(jax.tree.leaves(extra)) > 0
+  assert not any(same) if updated else all(same)
+  _, (_, eval_extra) = steps.loss(variables['params'], {}, extra, batch, False, None)
+  jax.tree.map(np.testing.assert_array_equal, eval_extra, extra)  # evaluation never updates
+
+
 def test_forgetting_is_reported_with_ewc_and_rehearsal_on(tmp_path):
   """Source: digits 0-4; target: digits 5-9 (both labelled 0-4: one head). The run reports the
   source task's metrics before and after, and logs the EWC penalty every step."""
