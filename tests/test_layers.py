@@ -297,3 +297,49 @@ def test_max_pool_equals_torch_forward_and_backward_ties_included(shape, window,
   np.testing.assert_allclose(dx, x_torch.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6,
                              atol=1e-6)
   assert float(jnp.abs(dx).sum()) > 0
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_attention_dropout_keeps_the_masks_and_averages_to_the_exact_attention(causal):
+  """MultiHeadAttention's explicit-probabilities path, taken while attention dropout is active:
+  with nothing dropped it equals the fused path; whatever it drops, neither later positions
+  (causal) nor padded keys reach an output; over many dropout keys it averages to the
+  deterministic output (inverted dropout is unbiased)."""
+  rng = np.random.default_rng(0)
+  b, t, d = 2, 6, 8
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  keep = np.ones((b, t), bool)
+  keep[1, -2:] = False
+  mask = layers.padding_mask(jnp.asarray(keep))
+  # Weights of std 0.5 (not 0.02) give logits and outputs of order one.
+  module = lambda rate: layers.MultiHeadAttention(num_heads=2, head_dim=4, attention_dropout=rate,
+                                                  init_std=0.5)
+  params = module(0.5).init(jax.random.key(0), x, mask, causal=causal)
+  exact = module(0.5).apply(params, x, mask, causal=causal)
+  dropped = lambda rate, x, key: module(rate).apply(
+      params, x, mask, causal=causal, deterministic=False, rngs={'dropout': key})
+
+  np.testing.assert_allclose(dropped(1e-9, x, jax.random.key(1)), exact, rtol=1e-5, atol=1e-6)
+
+  key = jax.random.key(2)
+  once = dropped(0.5, x, key)
+  scale = float(jnp.abs(exact).max())
+  assert scale > 0.3
+  assert float(jnp.abs(once - exact).max()) > 0.1 * scale, 'nothing was dropped'
+  # Change the inputs at the padded positions (and, causal, at positions 3 on): the outputs of
+  # the other queries stay exactly what they were under the same dropout key.
+  changed = x.at[1, -2:].add(5.0)
+  unchanged_queries = [(0, slice(None)), (1, slice(0, t - 2))]
+  if causal:
+    changed = changed.at[:, 3:].add(3.0)
+    unchanged_queries = [(0, slice(0, 3)), (1, slice(0, 3))]
+  again = dropped(0.5, changed, key)
+  for row, queries in unchanged_queries:
+    np.testing.assert_array_equal(again[row, queries], once[row, queries])
+  assert float(jnp.abs(again - once).max()) > 0.1 * scale  # the changed positions' own outputs move
+
+  n = 4000
+  samples = jax.vmap(lambda k: dropped(0.5, x, k))(jax.random.split(jax.random.key(3), n))
+  standard_error = samples.std(0) / np.sqrt(n)
+  assert float(standard_error.min()) > 0
+  np.testing.assert_array_less(np.abs(samples.mean(0) - exact), 5 * standard_error + 1e-6)
