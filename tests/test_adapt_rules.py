@@ -338,3 +338,28 @@ def test_rehearsal_batches_are_source_rows_then_target_rows():
   np.testing.assert_array_equal(np.asarray(batch['image']), expected)
   state = mixed.get_state()
   assert set(state) == {'target', 'rehearsal'}
+  # Resuming from the state, through JSON as the checkpoint keeps it, replays both tasks' next
+  # batches.
+  state = json.loads(json.dumps(state))
+  following = [jax.tree.map(np.asarray, next(mixed)) for _ in range(2)]
+  assert not np.array_equal(following[0]['image'], batch['image'])
+  mixed.set_state(state)
+  for want in following:
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, next(mixed)), want)
+
+
+@pytest.mark.parametrize('fraction,batch_size,data_parallel,rows', [
+    (0.5, 16, 8, 8), (0.25, 16, 2, 4), (0.3, 20, 4, 8), (0.0, 16, 8, 0)])
+def test_rehearsal_rows_are_a_multiple_of_the_data_parallel_size(fraction, batch_size,
+                                                                  data_parallel, rows):
+  adapt = ml_collections.ConfigDict({'rehearsal': {'fraction': fraction}})
+  assert train.rehearsal_rows(adapt, batch_size, data_parallel) == rows
+
+
+@pytest.mark.parametrize('fraction,batch_size,data_parallel', [(0.2, 16, 8), (0.8, 16, 8),
+                                                               (1.0, 16, 2)])
+def test_a_rehearsal_fraction_that_leaves_a_task_no_rows_is_refused(fraction, batch_size,
+                                                                    data_parallel):
+  adapt = ml_collections.ConfigDict({'rehearsal': {'fraction': fraction}})
+  with pytest.raises(ValueError, match=r'config\.adapt\.rehearsal\.fraction=.*choose a fraction'):
+    train.rehearsal_rows(adapt, batch_size, data_parallel)
