@@ -175,6 +175,53 @@ def test_no_restorable_step_raises_listing_steps(tmp_path):
       ckpt.restore(_abstract(state, _shardings_like(state)), step=5)
 
 
+def test_an_explicit_step_restores_that_step_and_does_not_fall_back(tmp_path):
+  mesh = make_mesh(data=8)
+  states = {step: _state(mesh, scale=float(step)) for step in (1, 2, 3)}
+  with Checkpointer(tmp_path, keep=None, save_every=1) as ckpt:
+    for step, state in states.items():
+      ckpt.save(step, state, {'step': step})
+  abstract = _abstract(states[1], _shardings_like(states[1]))
+  with Checkpointer(tmp_path) as ckpt:
+    step, restored, data_state = ckpt.restore(abstract, step=2)  # an older step than the latest
+    assert step == 2 and data_state == {'step': 2}
+    _assert_same_values(restored, states[2])
+  for path in _array_files(tmp_path / '1'):
+    os.remove(path)
+  with Checkpointer(tmp_path) as ckpt:
+    # Step 1 is damaged: asked for by name, it raises instead of handing back another step.
+    with pytest.raises(Exception) as error:
+      ckpt.restore(abstract, step=1)
+    assert not isinstance(error.value, FileNotFoundError)
+    step, restored, _ = ckpt.restore(abstract)  # the latest is still whole
+  assert step == 3
+  _assert_same_values(restored, states[3])
+
+
+def test_synchronous_saves_are_committed_when_save_returns(tmp_path):
+  mesh = make_mesh(data=8)
+  state = _state(mesh, scale=4.0)
+  ckpt = Checkpointer(tmp_path, async_save=False, save_every=2)
+  try:
+    assert ckpt.save(4, state, DATA_STATE)
+    # No wait(): the step directory is already committed (not a '.orbax-checkpoint-tmp' one).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['4']
+    with Checkpointer(tmp_path) as reader:
+      step, restored, data_state = reader.restore(_abstract(state, _shardings_like(state)))
+    assert step == 4 and data_state == DATA_STATE
+    _assert_same_values(restored, state)
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.parametrize('kwargs, message', [({'keep': 0}, 'keep=0 must be >= 1'),
+                                             ({'save_every': -1}, 'save_every=-1 must be >= 0')])
+def test_bad_retention_settings_are_refused(tmp_path, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    Checkpointer(tmp_path / 'ckpt', **kwargs)
+  assert not (tmp_path / 'ckpt').exists()  # refused before anything is created
+
+
 def test_uncommitted_tmp_directory_is_ignored(tmp_path):
   mesh = make_mesh(data=8)
   state = _state(mesh)
@@ -257,3 +304,25 @@ def test_check_workdir_refuses_unrelated_files(tmp_path):
     check_workdir(tmp_path, _config(), overwrite=False)
   assert not check_workdir(tmp_path, _config(), overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json']
+
+
+@pytest.mark.parametrize('config_json, message', [('[1, 2]', 'must be a JSON object'),
+                                                  ('{"model": ', 'config_json is not valid JSON')])
+def test_check_workdir_refuses_a_config_that_is_not_a_json_object(tmp_path, config_json, message):
+  with pytest.raises(ValueError, match=message):
+    check_workdir(tmp_path / 'run', config_json, overwrite=True)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_check_workdir_names_a_damaged_config_json_and_keeps_the_run(tmp_path):
+  workdir = tmp_path / 'run'
+  check_workdir(workdir, _config(), overwrite=False)
+  (workdir / 'checkpoints' / '10').mkdir(parents=True)
+  (workdir / 'config.json').write_text('{"model": {"name": "be')  # cut short
+  with pytest.raises(ValueError, match=r'config\.json is not valid JSON.*--overwrite'):
+    check_workdir(workdir, _config(), overwrite=False)
+  assert (workdir / 'checkpoints' / '10').is_dir()
+  # As the message says, --overwrite then starts afresh.
+  assert not check_workdir(workdir, _config(), overwrite=True)
+  assert sorted(p.name for p in workdir.iterdir()) == ['config.json']
+  assert json.loads((workdir / 'config.json').read_text()) == json.loads(_config())

@@ -408,7 +408,7 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     workdir: the run directory (created if missing).
     config_json: the run's config as a JSON object.
     overwrite: delete the contents of a workdir that holds a different config (or files but no
-      config.json).
+      config.json, or a config.json that is not valid JSON).
     allowed_to_differ: key names (matching at any depth) or dotted key paths ('train.lr') whose
       values may change between the run and its resumption.
 
@@ -417,7 +417,7 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
 
   Raises:
     ValueError: config_json is not a JSON object, or the workdir holds another config (or
-      unrelated files) and overwrite is False.
+      unrelated files, or a damaged config.json) and overwrite is False.
   """
   try:
     config = json.loads(config_json)
@@ -433,8 +433,11 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     try:
       old_config = json.loads(config_path.read_text())
     except ValueError as e:
-      raise ValueError(f'{config_path} is not valid JSON ({e}). {fix}') from e
-    differences = _config_differences(old_config, config, allowed_to_differ)
+      if not overwrite:
+        raise ValueError(f'{config_path} is not valid JSON ({e}). {fix}') from e
+      old_config = None  # an unreadable config is not this run's: overwrite clears it
+    differences = (_config_differences(old_config, config, allowed_to_differ)
+                   if old_config is not None else [(CONFIG_FILE, 'unreadable', 'this config')])
     if differences and not overwrite:
       shown = '\n'.join(f'  {path}: {old!r} (in {workdir}) -> {new!r} (now)'
                         for path, old, new in differences[:_SHOWN_DIFFERENCES])
