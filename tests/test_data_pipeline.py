@@ -6,16 +6,19 @@ and a tiny dataset that a builder in this file really prepares in the array_reco
 
 import importlib.resources
 import json
+import os
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tokenizers
 from PIL import Image
 
 from ptm_jax import partitioning
 from ptm_jax.data import embedded, pipeline
+from ptm_jax.data import image as image_lib
 from ptm_jax.data.sources import DataError
 from tests.test_tokenizers import write_bpe_folder
 
@@ -310,6 +313,71 @@ def test_table_files_for_text_classification(tmp_path):
     assert batch['input_ids'].shape == (2, 12)
     assert batch['input_ids'][0, 0] == tokenizer.cls_id
     assert list(batch['label']) == [0, 2]  # rows 0 and 1: 'neg' and 'pos' of sorted names
+
+
+def test_sentence_pairs_from_a_table_are_encoded_as_the_checkpoints_tokenizer_does(tmp_path):
+  """text_pair_key: [CLS] A [SEP] B [SEP], segment ids 0 then 1, cut longest-first to seq_len;
+  the ids are tokenizers' own encoding of the pair with MiniLM's tokenizer.json."""
+  rows = [{'premise': 'a man is playing a guitar on the stage tonight', 'hypothesis': 'music',
+           'label': 1},
+          {'premise': 'it rains', 'label': 0,
+           'hypothesis': 'the ground outside the old house is getting very wet'}]
+  (tmp_path / 'train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  seq_len = 12
+  config = make_config(batch_size=2, task='text_classification', seq_len=seq_len,
+                       num_classes=2, table_file=str(tmp_path / 'train.jsonl'),
+                       text_key='premise', text_pair_key='hypothesis', tokenizer=MINILM)
+  tokenizer = pipeline.make_tokenizer(config.data)
+  batch = next(pipeline.make_loader(config, 'train', train=False, tokenizer=tokenizer))
+  reference = tokenizers.Tokenizer.from_file(os.path.join(MINILM, 'tokenizer.json'))
+  reference.no_padding()
+  reference.enable_truncation(seq_len, strategy='longest_first')
+  for i, row in enumerate(rows):
+    want = reference.encode(row['premise'], row['hypothesis'])
+    assert len(want.ids) == seq_len  # both rows are long enough to be cut
+    np.testing.assert_array_equal(batch['input_ids'][i], want.ids)
+    np.testing.assert_array_equal(batch['token_type_ids'][i], want.type_ids)
+    assert batch['attention_mask'][i].all()
+    ids = list(batch['input_ids'][i])
+    assert ids[0] == tokenizer.cls_id and ids.count(tokenizer.sep_id) == 2 and ids[-1] == \
+        tokenizer.sep_id
+    second = ids.index(tokenizer.sep_id) + 1
+    assert set(batch['token_type_ids'][i][:second]) == {0}
+    assert set(batch['token_type_ids'][i][second:]) == {1}
+  assert list(batch['label']) == [1, 0]
+
+
+@pytest.mark.parametrize('suffix', ['jsonl', 'csv'])
+def test_image_text_pairs_from_a_table_of_image_paths(tmp_path, suffix):
+  """task image_text from table_file: image paths relative to the table's folder, a caption
+  each; images come out at image_size, normalised for CLIP, in the table's order."""
+  (tmp_path / 'images').mkdir()
+  greys = (0, 90, 200)
+  rows = []
+  for i, grey in enumerate(greys):
+    Image.fromarray(np.full((6, 10, 3), grey, np.uint8)).save(tmp_path / 'images' / f'{i}.png')
+    rows.append({'image': f'images/{i}.png', 'text': f'a grey square number {i}'})
+  if suffix == 'jsonl':
+    (tmp_path / 'pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  else:
+    (tmp_path / 'pairs.csv').write_text('image,text\n' + ''.join(
+        f'{r["image"]},{r["text"]}\n' for r in rows))
+  write_bpe_folder(tmp_path / 'clip_tok', 'clip')
+  config = make_config(batch_size=3, task='image_text', image_size=8, seq_len=10,
+                       table_file=str(tmp_path / f'pairs.{suffix}'),
+                       tokenizer=str(tmp_path / 'clip_tok'))
+  tokenizer = pipeline.make_tokenizer(config.data)
+  batch = next(pipeline.make_loader(config, 'train', train=False, tokenizer=tokenizer,
+                                    family='clip'))
+  assert set(batch) == {'image', 'input_ids', 'attention_mask', 'valid'}  # valid: eval's padding
+  assert batch['image'].shape == (3, 8, 8, 3) and batch['input_ids'].shape == (3, 10)
+  mean, std = (np.asarray(v, np.float32) for v in image_lib.NORMALIZATION['clip'])
+  for i, grey in enumerate(greys):
+    np.testing.assert_allclose(batch['image'][i], np.broadcast_to(
+        (grey / 255 - mean) / std, (8, 8, 3)), atol=1e-5)
+    ids, _ = tokenizer.encode_special(rows[i]['text'], max_length=10)
+    np.testing.assert_array_equal(batch['input_ids'][i][:len(ids)], ids)
+    assert batch['attention_mask'][i].sum() == len(ids)
 
 
 # ------------------------------------------------------------------------------------------------
