@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ptm_jax.adapt import methods, rules
-from ptm_jax.models import bert, generate, gpt2, layers, resnet, vit
+from ptm_jax.models import bert, clip, generate, gpt2, layers, resnet, vit
 from tests import adapt_runs
 
 _GPT2 = dataclasses.replace(
@@ -288,6 +288,65 @@ def test_prompts_keep_causality_and_padding():
   np.testing.assert_allclose(
       _logits(module, adapted, {'input_ids': other}, config, attention_mask=mask),
       _logits(module, adapted, inputs, config, attention_mask=mask), atol=1e-6)
+
+
+def _clip_inputs():
+  cfg = clip.PRESETS['clip-tiny'].text_config
+  body = jax.random.randint(jax.random.key(1), (2, 6), 2, 1000)
+  # Row 0 ends in EOS at position 6, row 1 at position 4 and then pads.
+  ids = jnp.concatenate([body, jnp.full((2, 2), cfg.pad_token_id)], axis=1)
+  ids = ids.at[0, 6].set(cfg.eos_token_id).at[1, 4].set(cfg.eos_token_id)
+  ids = ids.at[1, 5:].set(cfg.pad_token_id)
+  mask = jnp.array([[1] * 7 + [0], [1] * 5 + [0] * 3])
+  pixels = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  return {'input_ids': ids, 'attention_mask': mask, 'pixel_values': pixels}
+
+
+@pytest.mark.parametrize('method', ['prompt', 'prefix'])
+def test_prompts_and_prefixes_on_both_clip_towers(method):
+  """Each tower gets its own prompts (or prefix MLP); the outputs keep their shapes, both
+  embeddings move, and the text tower still pools at its EOS: tokens after it, padded, change
+  nothing."""
+  module, inputs = clip.CLIP(clip.PRESETS['clip-tiny']), _clip_inputs()
+  config = _config(method, **({'prompt': {'length': P, 'init': 'uniform'}} if method == 'prompt'
+                              else {'prefix': {'length': P, 'hidden': 16}}))
+  base, adapted = _adapted(module, config, inputs)
+  added = sorted(p for p in rules.flatten(adapted) if p not in rules.flatten(base))
+  towers = {p.split('/')[0] for p in added}
+  assert towers == {'text_model', 'vision_model'}, added
+  if method == 'prompt':
+    assert [p.split('/')[-1] for p in added] == ['prompt', 'prompt']
+    assert all('layer_0' in p for p in added)
+  else:
+    assert all('prefix_encoder' in p for p in added) and len(added) == 10  # 5 leaves a tower
+  reference = module.apply({'params': base}, **inputs)
+  with methods.applied(config):
+    out = module.apply({'params': adapted}, **inputs)
+    after_eos = inputs['input_ids'].at[1, 5:].set(7)
+    padded_changed = module.apply({'params': adapted}, **{**inputs, 'input_ids': after_eos})
+  assert out.logits_per_image.shape == reference.logits_per_image.shape == (2, 2)
+  for name in ('text_embeds', 'image_embeds'):
+    assert float(jnp.abs(getattr(out, name) - getattr(reference, name)).min(axis=-1).max()) \
+        > 0 and float(jnp.abs(getattr(out, name) - getattr(reference, name)).max()) > 1e-3
+  np.testing.assert_allclose(padded_changed.text_embeds, out.text_embeds, atol=1e-6)
+  np.testing.assert_allclose(padded_changed.image_embeds, out.image_embeds, atol=0)
+
+
+def test_prompts_on_a_gap_vit_average_the_patches_only():
+  """pool_type 'gap': the pooled output is the mean over the patch tokens, the prompts dropped
+  before it (so it equals the mean of the returned hidden states, which keep T = patches)."""
+  module = vit.ViT(dataclasses.replace(TINY['vit']().config, pool_type='gap'), head=None)
+  inputs = _inputs('vit')
+  config = _config('prompt', prompt={'length': P, 'init': 'uniform'})
+  base, adapted = _adapted(module, config, inputs)
+  added = {p: v.shape for p, v in rules.flatten(adapted).items() if p not in rules.flatten(base)}
+  assert list(added.values()) == [(P, 32)] and list(added)[0].endswith('layer_0/prompt'), added
+  reference = module.apply({'params': base}, **inputs)
+  with methods.applied(config):
+    out = module.apply({'params': adapted}, **inputs)
+  assert out.last_hidden_state.shape == reference.last_hidden_state.shape == (2, 4, 32)
+  np.testing.assert_allclose(out.pooler_output, out.last_hidden_state.mean(axis=1), atol=1e-6)
+  assert float(jnp.abs(out.pooler_output - reference.pooler_output).max()) > 1e-3
 
 
 def test_vocab_init_takes_rows_of_the_loaded_word_embeddings():

@@ -7,6 +7,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from PIL import Image
 
 import ptm_jax
 from ptm_jax.hub import convert
@@ -267,6 +268,31 @@ def test_resample_same_grid_is_identity_and_constants_stay_constant():
                                atol=1e-5)
   with pytest.raises(ValueError, match='not a square grid'):
     vit.resample_position_embeddings(posemb[:, :15], 5, has_cls=True)
+
+
+@pytest.mark.parametrize('old_grid, new_grid', [((2, 3), (4, 5)), ((6, 4), (3, 2)),
+                                                ((14, 14), (24, 24)), ((4, 4), (2, 6))])
+def test_resampled_tables_equal_pil_bicubic_and_torch_bilinear(old_grid, new_grid):
+  """A random (not constant), possibly non-square table, up and down: bicubic (the default) is
+  PIL's BICUBIC (Keys' cubic, a = -0.5, antialiased when shrinking) on each channel, bilinear is
+  torch's interpolate (half-pixel centres, antialias when shrinking); the grid is row-major
+  (height, width) and the class row stays."""
+  rng = np.random.default_rng(3)
+  channels = 3
+  posemb = rng.normal(size=(1, 1 + old_grid[0] * old_grid[1], channels)).astype(np.float32)
+  grid_HxWxC = posemb[0, 1:].reshape(*old_grid, channels)
+  pil = np.stack([np.asarray(Image.fromarray(grid_HxWxC[..., c], mode='F').resize(
+      new_grid[::-1], Image.Resampling.BICUBIC)) for c in range(channels)], axis=-1)
+  shrinking = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
+  bilinear = torch.nn.functional.interpolate(
+      torch.tensor(grid_HxWxC).permute(2, 0, 1)[None], size=new_grid, mode='bilinear',
+      align_corners=False, antialias=shrinking)[0].permute(1, 2, 0).numpy()
+  for method, want_HxWxC in (('bicubic', pil), ('bilinear', bilinear)):
+    out = vit.resample_position_embeddings(posemb, new_grid, has_cls=True, old_grid=old_grid,
+                                           method=method)
+    assert out.shape == (1, 1 + new_grid[0] * new_grid[1], channels)
+    np.testing.assert_array_equal(out[:, 0], posemb[:, 0])
+    np.testing.assert_allclose(out[0, 1:].reshape(*new_grid, channels), want_HxWxC, atol=1e-5)
 
 
 # --- errors and pooling --------------------------------------------------------------------------
