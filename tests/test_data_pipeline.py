@@ -181,8 +181,11 @@ def resume_configs(text_file):
   }
 
 
-@pytest.mark.parametrize('name', ['digits', 'char_lm', 'mlm_nsp'])
-def test_restored_iterator_continues_exactly(name, text_file):
+@pytest.mark.parametrize('name, as_arrays', [('digits', False), ('char_lm', False),
+                                             ('mlm_nsp', False), ('digits', True)])
+def test_restored_iterator_continues_exactly(name, as_arrays, text_file):
+  """From the state as a checkpoint's JSON keeps it, or (as_arrays) as 0-d numpy arrays, as a
+  restore into a pytree of arrays gives it."""
   config, split = resume_configs(text_file)[name]
   tokenizer = pipeline.make_tokenizer(config.data)
   make = lambda: pipeline.make_loader(config, split, train=True, tokenizer=tokenizer)
@@ -191,6 +194,8 @@ def test_restored_iterator_continues_exactly(name, text_file):
   first = make()
   take(first, k)
   state = json.loads(json.dumps(first.get_state()))  # what a checkpoint stores
+  if as_arrays:
+    state = jax.tree.map(np.asarray, state)
   resumed = make()
   resumed.set_state(state)
   assert_batches_equal(take(resumed, n - k), uninterrupted[k:])

@@ -678,6 +678,10 @@ class Loader:
             'global_batch_size': self.global_batch_size, 'process_count': self.process_count}
 
   def set_state(self, state: dict[str, Any]):
+    # numpy or JAX scalars (a state restored as a pytree of arrays rather than from JSON) become
+    # Python numbers: grain resumed at the wrong index when handed 0-d arrays.
+    state = jax.tree.map(lambda x: x.item() if hasattr(x, 'item') and np.ndim(x) == 0 else x,
+                         state)
     for key in ('global_batch_size', 'process_count'):
       if state.get(key) != getattr(self, key):
         raise ValueError(f'The saved data-iterator state has {key} {state.get(key)} but this run '
