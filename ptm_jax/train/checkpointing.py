@@ -435,9 +435,10 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     except ValueError as e:
       if not overwrite:
         raise ValueError(f'{config_path} is not valid JSON ({e}). {fix}') from e
-      old_config = None  # an unreadable config is not this run's: overwrite clears it
-    differences = (_config_differences(old_config, config, allowed_to_differ)
-                   if old_config is not None else [(CONFIG_FILE, 'unreadable', 'this config')])
+      old_config = None
+    # An unreadable config.json is not this run's: overwrite clears the workdir.
+    differences = (True if old_config is None
+                   else _config_differences(old_config, config, allowed_to_differ))
     if differences and not overwrite:
       shown = '\n'.join(f'  {path}: {old!r} (in {workdir}) -> {new!r} (now)'
                         for path, old, new in differences[:_SHOWN_DIFFERENCES])
