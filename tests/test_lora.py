@@ -1,6 +1,7 @@
 """LoRA, DoRA and QLoRA (ptm_jax.adapt.lora) on the real model families: exact at init, merge."""
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -150,9 +151,11 @@ def test_dora_magnitude_starts_at_the_column_norm_and_norm_is_a_constant():
   np.testing.assert_allclose(grad_m, expected, rtol=1e-5)
 
 
-def test_qlora_stores_nf4_and_computes_with_the_dequantised_kernel():
+@pytest.mark.parametrize('block_size', [64, 128, 32])
+def test_qlora_stores_nf4_and_computes_with_the_dequantised_kernel(block_size):
   module, inputs = TINY['gpt2'](), _inputs('gpt2')
-  spec = lora.LowRank(method='qlora', rank=4, alpha=8.0, compute_dtype='float32')
+  spec = lora.LowRank(method='qlora', rank=4, alpha=8.0, compute_dtype='float32',
+                      block_size=block_size)
   base, adapted = _adapted(module, spec, inputs)
   flat = rules.flatten(adapted)
   path = 'transformer/layer_0/attention/query'
@@ -165,7 +168,9 @@ def test_qlora_stores_nf4_and_computes_with_the_dequantised_kernel():
     q = {k.rsplit('/nf4_', 1)[1]: v for k, v in flat.items()
          if k.startswith(f'{module_path}/nf4_')}
     shape = dequantised[f'{module_path}/kernel'].shape
-    dequantised[f'{module_path}/kernel'] = nf4.dequantize(q, shape, jnp.float32)
+    assert len(q['absmax_codes']) == -(-math.prod(shape) // block_size)  # a scale a block
+    dequantised[f'{module_path}/kernel'] = nf4.dequantize(q, shape, jnp.float32,
+                                                          block_size=block_size)
   expected = _apply(module, rules.unflatten(dequantised), inputs)
   np.testing.assert_allclose(_apply(module, adapted, inputs, spec), expected, atol=1e-5)
   # ... and that differs from the float32 base by the quantisation error only.

@@ -124,7 +124,8 @@ def _dense(spec: LowRank, module: nn.Dense, x, deterministic: bool, next_fun):
   b = module.param('lora_b', nn.initializers.zeros, (spec.rank, out_features), module.param_dtype)
   if quantised is not None:
     dtype = _DTYPES[spec.compute_dtype]
-    kernel = nf4.dequantize(quantised, (in_features, out_features), dtype)
+    kernel = nf4.dequantize(quantised, (in_features, out_features), dtype,
+                            block_size=spec.block_size)
   else:
     dtype = _compute_dtype(module, x)
     kernel = nn.unbox(module.get_variable('params', 'kernel'))  # boxed during init
@@ -246,9 +247,11 @@ def _base_name(flat: dict, module: str) -> str:
 def _dequantised(spec: LowRank, flat: dict, module: str, shape) -> jax.Array:
   q = {k[len(module) + 1 + len(NF4_PREFIX):]: v for k, v in flat.items()
        if k.startswith(f'{module}/{NF4_PREFIX}')}
+  dequantise = lambda qi, shape: nf4.dequantize(qi, shape, jnp.float32,
+                                                block_size=spec.block_size)
   if _stacked(module):
-    return jax.vmap(lambda qi: nf4.dequantize(qi, shape[1:], jnp.float32))(q)
-  return nf4.dequantize(q, shape, jnp.float32)
+    return jax.vmap(lambda qi: dequantise(qi, shape[1:]))(q)
+  return dequantise(q, shape)
 
 
 def prepare(params, spec: LowRank):
