@@ -97,8 +97,9 @@ def _adapted(module, variables, shardings, adapt, example_inputs, rng, mesh):
   return dict(variables, params=params), dict(shardings, params=param_shardings)
 
 
-def _adapted_optimizer(tx, rates: dict, trainable, adapt, total_steps: int):
-  """tx with the per-leaf multipliers and, for gradual unfreezing, the start steps."""
+def _adapted_optimizer(optimizer_config, rates: dict, trainable, adapt, total_steps: int):
+  """(tx, schedule): config.optimizer's optimizer with the per-leaf multipliers and, for gradual
+  unfreezing, the start steps (each group's optimizer state starts at its own)."""
   trainable_flat = adapt_rules.flatten(trainable)
   rate_tree = adapt_rules.unflatten({p: rates[p] for p in trainable_flat})
   start_steps = None
@@ -112,10 +113,12 @@ def _adapted_optimizer(tx, rates: dict, trainable, adapt, total_steps: int):
     start_steps = adapt_rules.unfreeze_steps(trainable, depths, every)
     rate_tree = adapt_rules.unflatten(
         {p: rates[p] * adapt.gradual.factor ** -depths[p] for p in trainable_flat})
+  tx, schedule = optimizers.make_optimizer(optimizer_config, total_steps,
+                                           start_steps=start_steps)
   if start_steps is None and all(r == 1.0 for r in jax.tree.leaves(rate_tree)):
-    return tx
+    return tx, schedule
   before, after = adapt_rules.rate_transform(rate_tree, start_steps)
-  return optax.chain(before, tx, after)
+  return optax.chain(before, tx, after), schedule
 
 
 class RehearsalLoader:
@@ -512,17 +515,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   rates = adapt_rules.treatments(variables['params'], adapt, family)
   params, frozen = adapt_rules.split(variables['params'], rates)
   param_shardings, frozen_shardings = adapt_rules.split(var_shardings['params'], rates)
-  tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
-  tx = _adapted_optimizer(tx, rates, params, adapt, config.total_steps)
+  tx, schedule = _adapted_optimizer(config.optimizer, rates, params, adapt, config.total_steps)
 
   extra = {k: v for k, v in variables.items() if k != 'params'}
   replicated = NamedSharding(mesh, P())
   # Optimizer state shaped like a parameter takes its sharding; factored or scalar state
   # (adafactor's row/column statistics, counts) is replicated.
-  opt_shardings = optax.tree_map_params(
-      tx, lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
-      jax.eval_shape(tx.init, params), params, param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = optimizers.state_shardings(tx, params, param_shardings, replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state,
            'extra': extra, 'rng': jax.random.key_data(step_rng)}

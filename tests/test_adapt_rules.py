@@ -112,10 +112,13 @@ def test_rate_transform_scales_updates_and_holds_leaves_until_they_start():
   np.testing.assert_allclose([t['b'] for t in trace], [0.0, 0.0, -0.05, -0.095], rtol=1e-6)
 
 
-def test_gradual_unfreezing_rates_and_schedule_in_the_trainers_optimizer():
-  """SGD(lr 1) on gradients of ones: a leaf at depth d moves by factor**-d per step from step
-  d * every on, and not before; every = total_steps // (groups + 1) when not set; a scanned
-  stack is refused."""
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+def test_gradual_unfreezing_rates_and_schedule_in_the_trainers_optimizer(optimizer):
+  """Gradients of ones: a leaf at depth d moves by factor**-d x the step's learning rate from
+  step d * every on, and not before; every = total_steps // (groups + 1) when not set; a
+  scanned stack is refused. SGD (no momentum) follows a linear decay at the global step. Adam's
+  first step on a group is Adam's first step (bias-corrected moments of one gradient: exactly
+  1), however late the group unfreezes: each group's state starts at its own step."""
   params = _vit_params()
   rates = rules.treatments(params, {'method': 'gradual_unfreeze'}, 'vit')
   trainable, _ = rules.split(params, rates)
@@ -123,21 +126,28 @@ def test_gradual_unfreezing_rates_and_schedule_in_the_trainers_optimizer():
   assert sorted(set(depths.values())) == [0, 1, 2, 3, 4]  # head, 3 layers, embeddings
   adapt = adapt_config.merged_config({'method': 'gradual_unfreeze',
                                       'gradual': {'factor': 2.0, 'unfreeze_every': 0}})
-  tx = train._adapted_optimizer(optax.sgd(1.0), rates, trainable, adapt, total_steps=12)
+  optimizer_config = ({'name': 'sgd', 'learning_rate': 1.0, 'momentum': 0.0,
+                       'schedule': 'linear', 'min_learning_rate': 0.1} if optimizer == 'sgd'
+                      else {'name': 'adam', 'learning_rate': 1.0})
+  tx, schedule = train._adapted_optimizer(optimizer_config, rates, trainable, adapt,
+                                          total_steps=12)
   every = 12 // (5 + 1)
-  state = tx.init(trainable)
+  state = jax.jit(tx.init)(trainable)
+  update = jax.jit(tx.update)
   grads = jax.tree.map(jnp.ones_like, trainable)
   for step in range(12):
-    updates, state = tx.update(grads, state, trainable)
-    for path, update in rules.flatten(updates).items():
+    updates, state = update(grads, state, trainable)
+    lr = float(schedule(step)) if optimizer == 'sgd' else 1.0
+    for path, leaf_update in rules.flatten(updates).items():
       d = depths[path]
-      expected = -(2.0 ** -d) if step >= d * every else 0.0
-      np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=f'{path} at step {step}')
+      expected = -lr * 2.0 ** -d if step >= d * every else 0.0
+      np.testing.assert_allclose(leaf_update, expected, rtol=2e-5,  # Adam: float32 (1 - b2)
+                                 err_msg=f'{path} at step {step}')
   scanned = {'vit': {'layers': {'mlp': {'kernel': jnp.ones((3, 4, 4))}}},
              'classifier': {'kernel': jnp.ones((4, 3))}}
   with pytest.raises(ValueError, match='scan_layers=False'):
-    train._adapted_optimizer(optax.sgd(1.0), {p: 1.0 for p in rules.flatten(scanned)}, scanned,
-                             adapt, total_steps=12)
+    train._adapted_optimizer(optimizer_config, {p: 1.0 for p in rules.flatten(scanned)},
+                             scanned, adapt, total_steps=12)
 
 
 # ------------------------------------------------------------------------------------------------

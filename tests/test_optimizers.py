@@ -285,3 +285,41 @@ def test_config_errors():
     opt.make_schedule({}, 0)
   # The defaults are complete: a ConfigDict with every key passes through unchanged.
   assert opt.merged_config(opt.default_config()).to_dict() == opt.default_config().to_dict()
+
+
+@pytest.mark.parametrize('name', ['adamw', 'sgd', 'adafactor'])
+def test_state_shardings_follow_the_parameters_with_or_without_start_steps(name):
+  """Moments take their parameter's sharding, counts and factored statistics the default (the
+  shapes here tell them apart: adafactor's factored rows and columns match no parameter): the
+  same as optax.tree_map_params gives, and, where that cannot trace (start steps' per-group
+  states), every parameter-shaped leaf of every group."""
+  mesh = jax.make_mesh((4, 2), ('data', 'tensor'))
+  sharding = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  params = {'encoder': {'kernel': jnp.ones((256, 384)), 'bias': jnp.ones((128,))},
+            'head': {'kernel': jnp.ones((384, 8))}}
+  shardings = {'encoder': {'kernel': sharding('data', 'tensor'), 'bias': sharding('tensor')},
+               'head': {'kernel': sharding(None, 'data')}}
+  replicated = sharding()
+  config = {'name': name, 'momentum': 0.9}
+  plain, _ = opt.make_optimizer(config, 10)
+  want = optax.tree_map_params(
+      plain, lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
+      jax.eval_shape(plain.init, params), params, shardings,
+      transform_non_params=lambda _: replicated)
+  got = opt.state_shardings(plain, params, shardings, replicated)
+  assert jax.tree.leaves(got) == jax.tree.leaves(want)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+
+  start_steps = {'encoder': {'kernel': 4, 'bias': 4}, 'head': {'kernel': 0}}
+  grouped, _ = opt.make_optimizer(config, 10, start_steps=start_steps)
+  got = opt.state_shardings(grouped, params, shardings, replicated)
+  abstract = jax.eval_shape(grouped.init, params)
+  by_shape = {(256, 384): shardings['encoder']['kernel'], (128,): shardings['encoder']['bias'],
+              (384, 8): shardings['head']['kernel']}
+  mirrored = 0
+  for leaf, leaf_sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(got)):
+    mirrored += leaf.shape in by_shape
+    assert leaf_sharding == by_shape.get(leaf.shape, replicated), leaf.shape
+  assert mirrored >= (2 if name == 'adafactor' else 3)
+  state = jax.jit(grouped.init, out_shardings=got)(params)  # the shardings fit the state
+  assert state is not None

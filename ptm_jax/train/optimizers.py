@@ -214,28 +214,11 @@ def _decay_mask(params) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(config: ConfigLike, total_steps: int, *, params=None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule) from `config.optimizer` for total_steps optimizer updates.
-
-  The optimizer chains global-norm clipping (if grad_clip_norm > 0), the optimizer with its
-  schedule and masked weight decay; one call of update per optimizer step.
-
-  Args:
-    config: config.optimizer (or a mapping of some of its keys).
-    total_steps: the number of optimizer updates the schedule spans.
-    params: optional, the unboxed parameter pytree (arrays or jax.ShapeDtypeStruct). Given, the
-      optimizer's state is traced on it (nothing is allocated), so that a parameter tree the
-      optimizer cannot take fails here, and a weight decay that would decay nothing is refused.
-
-  Returns:
-    The optax.GradientTransformation, and the schedule it uses (for learning_rate_at).
-  """
-  config = merged_config(config)
-  schedule = make_schedule(config, total_steps)
+def _update_rule(config: ml_collections.ConfigDict, schedule) -> list:
+  """The optimizer with its schedule, and coupled weight decay before it where it has no
+  decoupled form: the chain's parts after clipping."""
   weight_decay = config.weight_decay
   mask = _decay_mask if config.weight_decay_mask == '' else None
-
   if config.name == 'adamw':
     optimizer = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                             weight_decay=weight_decay, mask=mask, nesterov=config.nesterov)
@@ -254,17 +237,95 @@ def make_optimizer(config: ConfigLike, total_steps: int, *, params=None
         schedule,
         weight_decay_rate=(lambda step: weight_decay * schedule(step)) if weight_decay else None,
         weight_decay_mask=mask)
+  if weight_decay and config.name not in _DECOUPLED:
+    return [optax.add_decayed_weights(weight_decay, mask=mask), optimizer]
+  return [optimizer]
 
+
+def _starting_at_steps(config: ml_collections.ConfigDict, schedule, start_steps
+                       ) -> optax.GradientTransformation:
+  """The update rule with a state of its own for each start step (gradual unfreezing).
+
+  A group of leaves that starts at step S gets its own copy of the optimizer, which neither
+  updates nor moves its state (moments, step count) before S: its first update is the
+  optimizer's first, as PyTorch's per-parameter state gives it (one shared state would apply
+  Adam's bias correction of step S to moments that hold one gradient, steps up to 6x too
+  large). The copy's schedule is read at S + its own count, so every leaf follows the run's
+  learning rate at the global step.
+  """
+  starts = sorted({int(s) for s in jax.tree.leaves(start_steps)})
+
+  def group(start: int) -> optax.GradientTransformation:
+    rule = optax.chain(*_update_rule(config, lambda count: schedule(count + start)))
+    if start == 0:
+      return rule
+    return optax.transforms.conditionally_mask(rule, lambda step: step >= start)
+
+  labels = jax.tree.map(lambda s: f'from_step_{int(s)}', start_steps)
+  return optax.multi_transform({f'from_step_{s}': group(s) for s in starts}, labels)
+
+
+def make_optimizer(config: ConfigLike, total_steps: int, *, params=None, start_steps=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) from `config.optimizer` for total_steps optimizer updates.
+
+  The optimizer chains global-norm clipping (if grad_clip_norm > 0), the optimizer with its
+  schedule and masked weight decay; one call of update per optimizer step.
+
+  Args:
+    config: config.optimizer (or a mapping of some of its keys).
+    total_steps: the number of optimizer updates the schedule spans.
+    params: optional, the unboxed parameter pytree (arrays or jax.ShapeDtypeStruct). Given, the
+      optimizer's state is traced on it (nothing is allocated), so that a parameter tree the
+      optimizer cannot take fails here, and a weight decay that would decay nothing is refused.
+    start_steps: optional, a tree like the parameters of the step at which each leaf starts to
+      train (gradual unfreezing): each start step's leaves get an optimizer state of their own
+      that starts there (`_starting_at_steps`). Clipping stays over the whole gradient.
+
+  Returns:
+    The optax.GradientTransformation, and the schedule it uses (for learning_rate_at).
+  """
+  config = merged_config(config)
+  schedule = make_schedule(config, total_steps)
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if weight_decay and config.name not in _DECOUPLED:
-    parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
-  transformation = optax.chain(*parts, optimizer)
+  if start_steps is None:
+    parts.extend(_update_rule(config, schedule))
+  else:
+    parts.append(_starting_at_steps(config, schedule, start_steps))
+  transformation = optax.chain(*parts)
 
   if params is not None:
     _check_params(config, transformation, params)
   return transformation, schedule
+
+
+def state_shardings(transformation: optax.GradientTransformation, params, param_shardings,
+                    default):
+  """Shardings for `transformation`'s state on `params` (arrays or jax.ShapeDtypeStruct).
+
+  A state leaf that mirrors a parameter (its key path ends in the parameter's path, with the
+  parameter's shape: moments, momenta, unfactored second moments) takes that parameter's
+  sharding; everything else (step counts, factored statistics) takes `default`. Read off the
+  paths rather than by optax.tree_map_params, which cannot trace a state split by labels
+  (optax.multi_transform, gradual unfreezing's per-group states).
+  """
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                    jax.tree.leaves(param_shardings)):
+    by_path[tuple(map(str, path))] = (tuple(leaf.shape), sharding)
+
+  def pick(path, leaf):
+    keys = tuple(map(str, path))
+    for start in range(len(keys)):
+      shape, sharding = by_path.get(keys[start:], (None, None))
+      if shape is not None:
+        return sharding if shape == tuple(leaf.shape) else default
+    return default
+
+  abstract = jax.eval_shape(transformation.init, params)
+  return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
 def _check_params(config: ml_collections.ConfigDict,
