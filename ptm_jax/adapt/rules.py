@@ -154,7 +154,9 @@ def rate_transform(rates, start_steps=None) -> 'optax.GradientTransformation':
   """Per-leaf learning-rate multipliers (and gradual-unfreezing start steps) as optax stages.
 
   Returns (before, after): `before` zeroes the gradients of leaves that have not started yet (so
-  their optimizer moments stay at zero until they unfreeze, as if they had no gradient); `after`
+  that they count in no global-norm clipping; the optimizer in between should give each start
+  step's leaves a state of their own that starts there, as `optimizers.make_optimizer`'s
+  start_steps does, or a late group's first Adam steps are bias-corrected as step S's); `after`
   scales each update by its multiplier and zeroes it before the leaf's start step, so a leaf
   that is not yet unfrozen stays bit-identical (weight decay included). Chain them around the
   optimizer: optax.chain(before, optimizer, after). Multiplying the update by m is lr x m for
