@@ -19,10 +19,13 @@ Prefix tuning (Li & Liang 2021)
       -> prefix_encoder/out (hidden -> L * 2 * D) -> (P, L, 2, D): layer l's keys [:, l, 0],
       values [:, l, 1]
 
-  Init as PyTorch's modules (the reference's Embedding and Linear layers): embedding N(0, 1),
-  kernels U(+-1/sqrt(fan_in)), biases 0. `drop_reparameterisation` then computes the prefixes once
-  and stores them per layer, '<...>/layer_<l>/attention/prefix_key' and 'prefix_value' (P, D),
-  without the MLP; that tree runs in the same `applied` context, scanned stacks included (after
+  Init: embedding N(0, 1) and kernels U(+-1/sqrt(fan_in)), as PyTorch's Embedding and Linear
+  (the reference implementation's modules) draw them; biases 0, where PyTorch draws
+  U(+-1/sqrt(fan_in)) too. The tokens keep their positions 0 .. T-1: PEFT's prefix tuning of
+  GPT-2 passes the prefixes as past keys and values, which shifts the tokens to P .. P+T-1, so a
+  prefix trained there is not one trained here. `drop_reparameterisation` then computes the
+  prefixes once and stores them per layer, '<...>/layer_<l>/attention/prefix_key' and
+  'prefix_value' (P, D), without the MLP; that tree runs in the same `applied` context, scanned stacks included (after
   `layers.stack_layers`). Training through the MLP needs the blocks as layer_0 ... layer_{L-1}
   (config.model.scan_layers=False): inside a scan a block cannot tell which layer it is.
 
