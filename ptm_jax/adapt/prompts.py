@@ -25,8 +25,8 @@ Prefix tuning (Li & Liang 2021)
   GPT-2 passes the prefixes as past keys and values, which shifts the tokens to P .. P+T-1, so a
   prefix trained there is not one trained here. `drop_reparameterisation` then computes the
   prefixes once and stores them per layer, '<...>/layer_<l>/attention/prefix_key' and
-  'prefix_value' (P, D), without the MLP; that tree runs in the same `applied` context, scanned stacks included (after
-  `layers.stack_layers`). Training through the MLP needs the blocks as layer_0 ... layer_{L-1}
+  'prefix_value' (P, D), without the MLP; that tree runs in the same `applied` context, scanned
+  stacks included (after `layers.stack_layers`). Training through the MLP needs the blocks as layer_0 ... layer_{L-1}
   (config.model.scan_layers=False): inside a scan a block cannot tell which layer it is.
 
 Prompt tuning (Lester et al. 2021)
