@@ -26,8 +26,9 @@ Prefix tuning (Li & Liang 2021)
   prefix trained there is not one trained here. `drop_reparameterisation` then computes the
   prefixes once and stores them per layer, '<...>/layer_<l>/attention/prefix_key' and
   'prefix_value' (P, D), without the MLP; that tree runs in the same `applied` context, scanned
-  stacks included (after `layers.stack_layers`). Training through the MLP needs the blocks as layer_0 ... layer_{L-1}
-  (config.model.scan_layers=False): inside a scan a block cannot tell which layer it is.
+  stacks included (after `layers.stack_layers`). Training through the MLP needs the blocks as
+  layer_0 ... layer_{L-1} (config.model.scan_layers=False): inside a scan a block cannot tell
+  which layer it is.
 
 Prompt tuning (Lester et al. 2021)
   P soft tokens, the parameter '<...>/layer_0/prompt' (P, D), are put in front of the sequence at
