@@ -143,6 +143,10 @@ flags.DEFINE_integer('warmup', 2, 'Untimed steps of each side before the rounds,
 flags.DEFINE_integer('seed', 0, 'Seed of the weights and the batch.', allow_override=True)
 flags.DEFINE_bool('scan_layers', False, 'Ours: one lax.scan over the transformer blocks '
                   '(model.scan_layers in the trainer); the same maths.')
+flags.DEFINE_integer('vocabulary_multiple', layers.VOCABULARY_MULTIPLE, 'Ours, off CPU: the LM '
+                     'heads\' tied table padded with zero rows to a multiple of this '
+                     '(layers.VOCABULARY_MULTIPLE; 1: unpadded), the padding\'s logits sliced '
+                     'off; the same maths.', lower_bound=1)
 flags.DEFINE_string('json_out', None, 'Write the result here as well as to stdout.')
 flags.DEFINE_string('xla_flags', runtime.CPU_XLA_FLAGS, 'Appended to XLA_FLAGS before JAX '
                     'starts; the default is the trainer\'s (runtime.CPU_XLA_FLAGS: XLA\'s Eigen '
@@ -177,6 +181,7 @@ class Options:
   warmup: int = 2
   seed: int = 0
   scan_layers: bool = False
+  vocabulary_multiple: int = layers.VOCABULARY_MULTIPLE
   dry_run: bool = False
   xla_flags: str = runtime.CPU_XLA_FLAGS
   profile_dir: str = ''
@@ -472,6 +477,7 @@ def run(opts: Options) -> dict:
     if family == 'resnet':
       raise ValueError('--scan_layers applies to transformer stacks; ResNet has none.')
     module = module.clone(layer_stack=layers.LayerStack(scan=True))
+  layers.VOCABULARY_MULTIPLE = opts.vocabulary_multiple
   device = jax.devices()[0]
 
   batch_np = make_batch(family, cfg, batch_size, seq_len, image_size, opts.seed)
@@ -617,6 +623,7 @@ def run(opts: Options) -> dict:
     ours_record['device_peak_bytes_in_use_note'] = MEMORY_NOTES['ours_device']
   ours_record['attention'] = opts.attention
   ours_record['scan_layers'] = opts.scan_layers
+  ours_record['vocabulary_multiple'] = opts.vocabulary_multiple
   ours_record['num_params'] = count_params(params)
   ours_record['optimizer'] = 'optax.adamw (ptm_jax.train.optimizers)' if opts.mode == 'train' \
       else None

@@ -274,6 +274,53 @@ def test_tied_logits_equal_the_einsum_and_take_the_vocabulary_major_dot_on_cpu()
   assert re.search(r'f32\[50,6\]\{1,0\} dot\(', hlo), 'the dot is not vocabulary-major'
 
 
+@pytest.mark.parametrize('multiple', [1, 8, 64])
+def test_padded_vocabulary_logits_equal_the_einsum_values_and_gradients(multiple):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(13, 8)), jnp.float32)  # 13: padded to 16 or 64
+  einsum = lambda x, t: jnp.einsum('btd,vd->btv', x, t)
+  padded = lambda x, t: layers.padded_vocabulary_logits(x, t, multiple)
+  with jax.default_matmul_precision('highest'):
+    assert padded(x, table).shape == (2, 3, 13)
+    np.testing.assert_allclose(padded(x, table), einsum(x, table), rtol=1e-6, atol=1e-6)
+    loss = lambda f: lambda x, t: jnp.sum(jnp.sin(f(x, t)))
+    got = jax.grad(loss(padded), (0, 1))(x, table)
+    want = jax.grad(loss(einsum), (0, 1))(x, table)
+    assert got[1].shape == table.shape
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(padded).lower(x, table).as_text()
+  if multiple > 1:
+    assert f'tensor<{-13 % multiple + 13}x8xf32>' in hlo, 'the table was not padded'
+  else:
+    assert 'pad' not in hlo
+
+
+def test_padded_vocabulary_logits_with_the_table_sharded_over_the_vocabulary():
+  # The GPU/TPU head under tensor parallelism: the table's vocabulary axis on 'tensor' (as the
+  # logical rules put it), padded from 24 to 64 rows across the shards.
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(4, 3, 8)).astype(np.float32)
+  table = rng.normal(size=(24, 8)).astype(np.float32)
+  mesh = jax.make_mesh((2, 4), ('data', 'tensor'), axis_types=(AxisType.Explicit,) * 2)
+  x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec('data')))
+  table_sharded = jax.device_put(table, NamedSharding(mesh, PartitionSpec('tensor')))
+  padded = jax.jit(lambda x, t: layers.padded_vocabulary_logits(x, t, 64))
+  grad = jax.jit(jax.grad(lambda x, t: jnp.sum(jnp.sin(layers.padded_vocabulary_logits(x, t, 64))),
+                          (0, 1)))
+  with jax.default_matmul_precision('highest'), jax.set_mesh(mesh):
+    got = padded(x_sharded, table_sharded)
+    got_grads = grad(x_sharded, table_sharded)
+  want = np.einsum('btd,vd->btv', x, table)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  want_dlogits = np.cos(want)
+  np.testing.assert_allclose(got_grads[0], np.einsum('btv,vd->btd', want_dlogits, table),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got_grads[1], np.einsum('btv,btd->vd', want_dlogits, x),
+                             rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('shape, window, strides, padding', [
     ((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # ResNet's stem pool, odd sizes
     ((1, 7, 7, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),
