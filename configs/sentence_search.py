@@ -1,6 +1,6 @@
 """Sentence embeddings with the real all-MiniLM-L6-v2: zero-shot topics and semantic search.
 
-Command (the README's main job):
+Command (the README's other offline demonstration):
   python -m experiments.sentence_search --config=configs/sentence_search.py
 
 Expected result: zero-shot topic accuracy 32/32 on the built-in sentences, every query's top hit on

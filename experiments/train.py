@@ -328,6 +328,8 @@ def make_steps(module, family: str, config, tx) -> Steps:
         (jnp.arange(accum_steps), micro_batches))
     grads = normalised(grads_sum, weight_sum)
     metrics = {k: v if k.startswith('num_') else v / weight_sum for k, v in metrics_sum.items()}
+    # Perplexity is exp of the accumulated mean loss, as one big batch gives, not a mean of exps.
+    metrics = objectives.derive_metrics(metrics, jnp)
     loss = metrics.pop('loss')
     return loss, metrics, extra, grads
 
@@ -625,6 +627,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
     train_loader.set_state(data_state)
     logging.info('Resumed from step %d.', step)
   start = int(state['step'])
+  if start >= config.total_steps:
+    finished = _read_summary(workdir)
+    if finished is not None and not finished.get('dry_run'):
+      # A finished run started again (the same command line after the job ended): its results
+      # stand; training nothing and overwriting them with empty metrics would lose them.
+      checkpointer.close()
+      print(f'The run in {workdir} already reached step {start} of total_steps='
+            f'{config.total_steps}; its summary.json is kept. Raise --config.total_steps to '
+            'train on.', flush=True)
+      return finished
   eval_loader = pipeline.make_loader(_eval_config(config), config.data.eval_split, train=False,
                                      mesh=mesh,
                                      tokenizer=tokenizer, family=family)
@@ -635,6 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   train_metrics: dict = {}
   timer_step, timer_t = start, time.time()
   steps_timed, seconds_timed = 0, 0.0
+  first_interval = (0, 0.0)
   tracing = False  # a trace is running (config.profile; a resumed run may start past it)
   try:
     for step in range(start + 1, config.total_steps + 1):
@@ -656,14 +669,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         tracing = False
       if step % config.log_every == 0 or done:
         train_metrics = _scalars(metrics)
-        if not math.isfinite(train_metrics['loss']):
-          raise FloatingPointError(
-              f'Loss is {train_metrics["loss"]} at step {step}; stopping. The last good '
-              f'checkpoint (step {checkpointer.latest_step()}) is kept in {workdir}. Lower '
-              'the learning rate or enable gradient clipping (optimizer.grad_clip_norm).')
+        _check_finite(train_metrics['loss'], step, checkpointer, workdir)
         elapsed = time.time() - timer_t
         rate = (step - timer_step) / max(elapsed, 1e-9)
-        if step - timer_step > 1 or not steps_timed:
+        # seconds_per_step leaves out the first interval (the first steps' warm-up) unless it is
+        # the only one.
+        if timer_step == start:
+          first_interval = (step - timer_step, elapsed)
+        else:
           steps_timed += step - timer_step
           seconds_timed += elapsed
         record = {'step': step, 'split': 'train', **train_metrics,
@@ -682,6 +695,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
       # SIGTERM (one process) or JAX's preemption service (all processes agree on the step).
       preempted = checkpointer.reached_preemption(step)
       if preempted or done or (config.checkpoint_every and step % config.checkpoint_every == 0):
+        # Between log steps nothing has been looked at: a NaN state must not become the latest
+        # checkpoint, which a NaN stop promises to keep good. The loss is that of the state
+        # before this step's update, so the updated parameters are checked too.
+        _check_finite(_scalars({'loss': metrics['loss']})['loss'], step, checkpointer, workdir)
+        if not bool(_all_finite(state['params'])):
+          raise FloatingPointError(
+              f'The parameters are not finite after step {step}; stopping without saving them. '
+              f'The last good checkpoint (step {checkpointer.latest_step()}) is kept in '
+              f'{workdir}. Lower the learning rate or enable gradient clipping '
+              '(optimizer.grad_clip_norm).')
         checkpointer.save(step, state, train_loader.get_state(), force=True)
       if preempted:
         checkpointer.wait()
@@ -694,8 +717,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
     checkpointer.close()
     writer.close()
 
+  if not steps_timed:
+    steps_timed, seconds_timed = first_interval
   seconds_per_step = seconds_timed / max(steps_timed, 1)
-  summary.update({'final_step': config.total_steps, 'train': train_metrics, 'eval': last_eval,
+  if not last_eval:  # no step ran: the restored run had reached total_steps already
+    last_eval = evaluate(eval_step_fn, state, eval_loader, objective_name, config.eval_steps)
+  summary.update({'final_step': max(start, config.total_steps), 'train': train_metrics,
+                  'eval': last_eval,
                   'seconds_per_step': seconds_per_step,
                   'mfu': hardware.mfu(model_flops, seconds_per_step, mesh.size)})
   if source_before is not None:
@@ -739,6 +767,32 @@ def _export_low_rank(module, params, extra, adapt, workdir: str, base: str | Non
         logging.warning('No %s/ export: %s', name, e)
         exports[name] = str(e)
   return exports
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every float in the pytree is finite: a scalar bool."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _check_finite(loss: float, step: int, checkpointer, workdir: str):
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f'Loss is {loss} at step {step}; stopping. The last good checkpoint (step '
+        f'{checkpointer.latest_step()}) is kept in {workdir}. Lower the learning rate or enable '
+        'gradient clipping (optimizer.grad_clip_norm).')
+
+
+def _read_summary(workdir: str) -> dict | None:
+  """WORKDIR/summary.json of a finished run, or None where there is none (or it is damaged)."""
+  try:
+    with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return summary if isinstance(summary, dict) else None
 
 
 def _write_summary(workdir: str, summary: dict, is_writer: bool):

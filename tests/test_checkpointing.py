@@ -298,6 +298,30 @@ def test_check_workdir_different_config_raises_then_overwrite_clears(tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['model']['hidden'] == 128
 
 
+def test_check_workdir_allows_every_key_under_an_allowed_section(tmp_path):
+  # The trainer's RESUMABLE_KEYS name sections ('profile', 'runtime'): a resumed run may change
+  # any key under them, at the top or deeper, but nothing else.
+  from ptm_jax.train.config import RESUMABLE_KEYS
+  workdir = tmp_path / 'run'
+  check_workdir(workdir, _config(profile={'num_steps': 3, 'dir': ''}), overwrite=False,
+                allowed_to_differ=RESUMABLE_KEYS)
+  assert check_workdir(workdir, _config(profile={'num_steps': 5, 'dir': 'p'}), overwrite=False,
+                       allowed_to_differ=RESUMABLE_KEYS)
+  assert check_workdir(workdir, _config(model__runtime={'threads': 2}), overwrite=False,
+                       allowed_to_differ=RESUMABLE_KEYS)
+  with pytest.raises(ValueError, match='model.hidden'):
+    check_workdir(workdir, _config(model__hidden=128, profile={'num_steps': 7}),
+                  overwrite=False, allowed_to_differ=RESUMABLE_KEYS)
+  # A section named by its dotted path allows what is under it, not its siblings.
+  workdir = tmp_path / 'other_run'
+  check_workdir(workdir, _config(), overwrite=False)
+  assert check_workdir(workdir, _config(model__sub={'a': 1}), overwrite=False,
+                       allowed_to_differ=('model.sub',))
+  with pytest.raises(ValueError, match='model.name'):
+    check_workdir(workdir, _config(model__name='gpt2'), overwrite=False,
+                  allowed_to_differ=('model.sub',))
+
+
 def test_check_workdir_refuses_unrelated_files(tmp_path):
   (tmp_path / 'notes.txt').write_text('not a run')
   with pytest.raises(ValueError, match='no config.json'):

@@ -212,6 +212,79 @@ def test_clip_recall_on_a_handcrafted_similarity():
   assert float(small['i2t_recall@5']) == 1.0 and float(small['i2t_recall@1']) < 1.0
 
 
+def _clip_pairs_with_padding(n, p, padding_at, seed):
+  """n noisy image-text pairs, then p padding rows copying pair 0 (as the eval loader's _pad_to
+  fills the last batch), moved to rows `padding_at`; -> (pairs, padded pairs, valid)."""
+  rng = np.random.default_rng(seed)
+  image = unit_rows(rng.normal(size=(n, 6))).astype(np.float32)
+  text = unit_rows(image + 1.2 * rng.normal(size=(n, 6))).astype(np.float32)
+  padded_image = np.concatenate([image, np.repeat(image[:1], p, axis=0)])
+  padded_text = np.concatenate([text, np.repeat(text[:1], p, axis=0)])
+  valid = np.array([1] * n + [0] * p, np.int32)
+  # Row r of the result is row layout[r] of the padded batch: the padding (its rows n..n+p-1)
+  # lands at `padding_at`, the real rows keep their order elsewhere.
+  layout = np.empty(n + p, np.int64)
+  layout[list(padding_at)] = np.arange(n, n + p)
+  layout[[i for i in range(n + p) if i not in padding_at]] = np.arange(n)
+  return ((image, text), (padded_image[layout], padded_text[layout]), valid[layout])
+
+
+@pytest.mark.parametrize('padding_at', [(5, 6, 7), (0, 3, 7)], ids=['at_end', 'interleaved'])
+def test_clip_padding_rows_are_neither_queries_nor_candidates(padding_at):
+  """Eval padding (valid=0, copies of example 0) changes no metric: the loss, recalls and count
+  are those of the real pairs alone, and the real rows get their gradients of that loss."""
+  (image, text), (padded_image, padded_text), valid = _clip_pairs_with_padding(
+      5, 3, padding_at, seed=16)
+  scale = np.float32(np.log(1 / 0.07))
+  loss_and_grad = jax.jit(jax.value_and_grad(obj.clip_contrastive_loss, argnums=(0, 1),
+                                             has_aux=True))
+  (loss, metrics), grads = loss_and_grad(image, text, scale)
+  (padded_loss, padded_metrics), padded_grads = loss_and_grad(padded_image, padded_text, scale,
+                                                              valid)
+  np.testing.assert_allclose(padded_loss, loss, rtol=1e-6, atol=1e-6)
+  assert padded_metrics.keys() == metrics.keys()
+  for key in metrics:
+    np.testing.assert_allclose(padded_metrics[key], metrics[key], rtol=1e-6, atol=1e-6,
+                               err_msg=key)
+  assert int(padded_metrics['num_examples']) == 5
+  real = valid == 1
+  for padded_grad, grad in zip(padded_grads, grads):
+    np.testing.assert_allclose(padded_grad[real], grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(padded_grad[~real], 0.0)
+  # Not vacuous: counting the padding would change the metrics.
+  _, counted = obj.clip_contrastive_loss(padded_image, padded_text, scale)
+  assert abs(float(counted['loss']) - float(loss)) > 1e-3
+  assert any(abs(float(counted[k]) - float(metrics[k])) > 1e-3
+             for k in metrics if 'recall' in k)
+  # A batch of padding only: zero counts, finite zero means, which merge_metrics then leaves out.
+  nothing_loss, nothing = jax.jit(obj.clip_contrastive_loss)(padded_image, padded_text, scale,
+                                                             np.zeros_like(valid))
+  assert float(nothing_loss) == 0.0 and int(nothing['num_examples']) == 0
+  assert all(np.isfinite(float(v)) for v in nothing.values())
+  merged = obj.merge_metrics([padded_metrics, nothing], obj.MERGE_WEIGHTS['contrastive'])
+  assert merged['num_examples'] == 5
+  for key in metrics:
+    assert merged[key] == pytest.approx(float(metrics[key]), rel=1e-6, abs=1e-7)
+
+
+def test_clip_all_valid_equals_no_valid():
+  rng = np.random.default_rng(17)
+  image = unit_rows(rng.normal(size=(7, 6))).astype(np.float32)
+  text = unit_rows(image + rng.normal(size=(7, 6))).astype(np.float32)
+  loss, metrics = jax.jit(obj.clip_contrastive_loss)(image, text, np.float32(2.0))
+  for valid in (np.ones(7, np.int32), np.ones(7, bool)):
+    valid_loss, valid_metrics = jax.jit(obj.clip_contrastive_loss)(image, text, np.float32(2.0),
+                                                                   valid)
+    np.testing.assert_allclose(valid_loss, loss, rtol=1e-6)
+    assert valid_metrics.keys() == metrics.keys()
+    for key in metrics:
+      np.testing.assert_allclose(valid_metrics[key], metrics[key], rtol=1e-6, err_msg=key)
+      assert valid_metrics[key].dtype == metrics[key].dtype
+  assert int(metrics['num_examples']) == 7
+  with pytest.raises(ValueError, match='valid must be'):
+    obj.clip_contrastive_loss(image, text, 2.0, np.ones(6, np.int32))
+
+
 def test_clip_loss_is_over_the_global_batch_when_sharded():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
   rng = np.random.default_rng(5)
@@ -362,6 +435,31 @@ def test_contrastive_objective_on_clip_matches_its_own_logits():
   with pytest.raises(ValueError, match='needs both image_embeds and text_embeds'):
     obj.OBJECTIVES['contrastive'](out.replace(image_embeds=None), inputs,
                                   logit_scale=params['logit_scale'])
+
+
+def test_contrastive_objective_leaves_out_the_eval_padding_of_the_batch():
+  """An eval batch's 'valid' (0 on the loader's padding) reaches clip_contrastive_loss."""
+  (image, text), (padded_image, padded_text), valid = _clip_pairs_with_padding(
+      4, 2, (4, 5), seed=18)
+  scale = np.float32(1.5)
+  loss, metrics = obj.clip_contrastive_loss(image, text, scale)
+
+  def objective(image_embeds, text_embeds, batch):
+    out = outputs.CLIPOutput(logits_per_image=None, logits_per_text=None,
+                             text_embeds=text_embeds, image_embeds=image_embeds)
+    return obj.OBJECTIVES['contrastive'](out, batch, logit_scale=scale)
+
+  ids = np.zeros((6, 3), np.int32)
+  padded_loss, padded_metrics = jax.jit(objective)(padded_image, padded_text,
+                                                   {'input_ids': ids, 'valid': valid})
+  np.testing.assert_allclose(padded_loss, loss, rtol=1e-6, atol=1e-6)
+  for key in metrics:
+    np.testing.assert_allclose(padded_metrics[key], metrics[key], rtol=1e-6, atol=1e-6,
+                               err_msg=key)
+  assert int(padded_metrics['num_examples']) == 4
+  # A (train) batch without 'valid' scores every row.
+  _, every_row = objective(padded_image, padded_text, {'input_ids': ids})
+  assert int(every_row['num_examples']) == 6
 
 
 @pytest.mark.parametrize('name', sorted(obj.SUM_REDUCIBLE))

@@ -2,8 +2,11 @@
 Adam and SGD steps against numpy and torch.optim, masked weight decay, clipping, accumulation and
 the config errors."""
 
+import dataclasses
 import math
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ import optax
 import pytest
 import torch
 
+from ptm_jax.models import bert, gpt2, layers
 from ptm_jax.train import optimizers as opt
 
 
@@ -264,6 +268,61 @@ def test_optimizer_takes_abstract_params_and_checks_them():
     opt.make_optimizer(ADAMW, 10, params={'bias': np.zeros(3, np.float32)})
   with pytest.raises(TypeError, match='arrays or jax.ShapeDtypeStruct'):
     opt.make_optimizer(ADAMW, 10, params={'w': [1.0, 2.0]})
+
+
+def tiny_stack_model(family, scan):
+  """A 2-block GPT-2 or BERT, looped or scanned, and its input ids."""
+  stack = layers.LayerStack(scan=scan)
+  if family == 'gpt2':
+    model = gpt2.GPT2(dataclasses.replace(gpt2.PRESETS['gpt2-tiny'], num_layers=2), head='lm',
+                      layer_stack=stack)
+  else:
+    model = bert.Bert(dataclasses.replace(bert.PRESETS['bert-tiny'], num_layers=2),
+                      head='pretraining', layer_stack=stack)
+  return model, np.arange(3, 11, dtype=np.int32)[None]
+
+
+def looped_keys(tree):
+  """flat(tree) with layer_0 ... layer_{n-1} merged into the scanned layout's 'layers' key."""
+  merged = {}
+  for key, x in flat(tree).items():
+    merged.setdefault(re.sub(r"\['layer_\d+'\]", "['layers']", key), set()).add(x)
+  return merged
+
+
+@pytest.mark.parametrize('family', ['gpt2', 'bert'])
+def test_default_decay_mask_ignores_the_scanned_layer_axis(family):
+  looped, ids = tiny_stack_model(family, scan=False)
+  scanned, _ = tiny_stack_model(family, scan=True)
+  params = nn.unbox(looped.init(jax.random.key(0), input_ids=ids))['params']
+  # The scanned model's own (abstract) parameters: the mask is read from shapes and paths alone.
+  abstract = jax.eval_shape(
+      lambda: nn.unbox(scanned.init(jax.random.key(0), input_ids=ids)))['params']
+  looped_mask, scanned_mask = flat(opt._decay_mask(params)), flat(opt._decay_mask(abstract))
+  assert any("['layers']" in k for k in scanned_mask)
+  # Every block decays the same parameters, and the scanned stack decays exactly those.
+  merged = looped_keys(opt._decay_mask(params))
+  assert all(len(v) == 1 for v in merged.values())
+  assert {k: v.pop() for k, v in merged.items()} == scanned_mask
+  assert looped_mask == {k: np.ndim(x) >= 2 for k, x in flat(params).items()}
+
+  # Through the optimizer: AdamW with zero gradients only decays. The scanned parameters step
+  # to the looped ones restacked; a stacked bias keeps its value, a stacked kernel shrinks.
+  stacked = layers.stack_layers(params)
+  assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda x: x.shape, abstract)
+  config = dict(ADAMW, weight_decay=0.5)
+  step = lambda p: run_optax(opt.make_optimizer(config, 3, params=p)[0], p,
+                             [jax.tree.map(np.zeros_like, p)])[0]
+  got, want = step(stacked), step(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               layers.unstack_layers(got), want)
+  got, stacked = flat(got), flat(stacked)
+  key = f"['{'transformer' if family == 'gpt2' else 'bert'}']['layers']['attention']['query']"
+  bias, kernel = key + "['bias']", key + "['kernel']"
+  assert np.shape(stacked[bias]) == (2, 64) and np.ndim(stacked[kernel]) == 3
+  assert not scanned_mask[bias] and scanned_mask[kernel]
+  np.testing.assert_array_equal(got[bias], stacked[bias])
+  np.testing.assert_allclose(got[kernel], stacked[kernel] * (1 - 0.05 * 0.5), rtol=1e-6)
 
 
 def test_config_errors():

@@ -98,6 +98,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert float(accum_metrics['num_tokens']) == float(big_metrics['num_tokens'])
     np.testing.assert_allclose(accum_metrics['loss'], big_metrics['loss'], rtol=1e-6)
     np.testing.assert_allclose(accum_metrics['grad_norm'], big_metrics['grad_norm'], rtol=1e-5)
+    # exp of the accumulated mean loss (a mean of the micro-batches' exps is larger).
+    np.testing.assert_allclose(accum_metrics['perplexity'], big_metrics['perplexity'], rtol=1e-5)
+    np.testing.assert_allclose(accum_metrics['perplexity'], np.exp(accum_metrics['loss']),
+                               rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                accum_state['params'], big_state['params'])
 
@@ -188,3 +192,53 @@ def test_remat_and_scan_are_refused_for_resnet():
   with pytest.raises(ValueError, match='ResNet has none'):
     registry.layer_stack_of(model, 'resnet')
   assert registry.layer_stack_of(model, 'vit').remat == 'full'
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(p) for p in os.listdir(os.path.join(workdir, 'checkpoints')) if p.isdigit())
+
+
+def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path):
+  # A learning rate that blows the parameters up at the first update; the loss is logged only
+  # at the end, but a checkpoint is due every step: none may hold the non-finite state.
+  config = _digits_config(**{'total_steps': 6, 'log_every': 100, 'checkpoint_every': 1,
+                             'optimizer.learning_rate': 1e38, 'optimizer.name': 'sgd',
+                             'optimizer.momentum': 0.0})
+  with pytest.raises(FloatingPointError, match=r'at step \d.*last good checkpoint') as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  stopped_at = int(re.search(r'at step (\d)', str(error.value)).group(1))
+  assert stopped_at < 6  # not left to the last step's log
+  saved = _checkpoint_steps(tmp_path)
+  assert all(step < stopped_at for step in saved)
+  if saved:  # each checkpoint kept holds finite parameters
+    from ptm_jax.train import checkpointing
+    latest = checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).restore(None)
+    assert latest is not None and bool(train._all_finite(latest[1]['params']))
+
+
+def test_a_finished_run_started_again_keeps_its_summary(tmp_path, capsys):
+  config = _digits_config()
+  first = train.train_and_evaluate(config, str(tmp_path))
+  summary_text = (tmp_path / 'summary.json').read_text()
+  log_lines = (tmp_path / 'metrics.jsonl').read_text()
+  assert first['eval'] and first['train']
+  again = train.train_and_evaluate(_digits_config(), str(tmp_path))
+  assert 'already reached step 3' in capsys.readouterr().out
+  assert again == json.loads(summary_text)
+  assert (tmp_path / 'summary.json').read_text() == summary_text
+  assert (tmp_path / 'metrics.jsonl').read_text() == log_lines
+  # Without its summary.json (killed after the last checkpoint): evaluated again, not emptied.
+  (tmp_path / 'summary.json').unlink()
+  redone = train.train_and_evaluate(_digits_config(), str(tmp_path))
+  assert redone['final_step'] == 3
+  np.testing.assert_allclose(redone['eval']['loss'], first['eval']['loss'], rtol=1e-6)
+  assert redone['eval']['num_examples'] == first['eval']['num_examples']
+
+
+def test_seconds_per_step_leaves_out_only_the_first_log_interval(tmp_path):
+  summary = train.train_and_evaluate(_digits_config(**{'total_steps': 5}), str(tmp_path))
+  rates = [r['steps_per_sec'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))
+           if r['split'] == 'train']
+  assert len(rates) == 5  # log_every=1
+  np.testing.assert_allclose(summary['seconds_per_step'], np.mean([1 / r for r in rates[1:]]),
+                             rtol=1e-3)

@@ -376,7 +376,13 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
   missing = '<absent>'
 
   def allowed(path: str) -> bool:
-    return path in allowed_to_differ or path.rsplit('.', 1)[-1] in allowed_to_differ
+    # A listed key allows everything under it ('profile' allows 'profile.num_steps'), both as a
+    # dotted path from the top and as a key name at any depth.
+    prefixes = [path.rsplit('.', 1)[-1]]
+    parts = path.split('.')
+    prefixes += ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)]
+    prefixes += parts
+    return any(p in allowed_to_differ for p in prefixes)
 
   return [(path, old_flat.get(path, missing), new_flat.get(path, missing))
           for path in sorted(set(old_flat) | set(new_flat))
@@ -410,7 +416,8 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     overwrite: delete the contents of a workdir that holds a different config (or files but no
       config.json, or a config.json that is not valid JSON).
     allowed_to_differ: key names (matching at any depth) or dotted key paths ('train.lr') whose
-      values may change between the run and its resumption.
+      values may change between the run and its resumption; a key that holds a section allows
+      every key under it ('profile': 'profile.num_steps').
 
   Returns:
     True if the workdir holds a run of this config to resume, False if it starts fresh.

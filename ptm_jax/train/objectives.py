@@ -14,7 +14,8 @@ Batch conventions (int32 labels):
   classification  batch['label'] (B,), or (B, T) for token classification; logits (..., K)
   causal_lm       batch['labels'] (B, T), already shifted to the next token; logits (B, T, V)
   mlm_nsp         batch['mlm_labels'] (B, T); batch['next_sentence_label'] (B,), 0: B follows A
-  contrastive     no labels: image i and text i are the matching pair
+  contrastive     no labels: image i and text i are the matching pair; an eval batch's
+                  batch['valid'] (B,) (0 on padding) leaves its padding out of the loss
 
 Eval metrics: each objective's means come with the counts they are means over ('num_examples',
 'num_tokens', 'num_mlm_tokens'), so batches of different sizes, or with different numbers of
@@ -297,12 +298,18 @@ def mlm_nsp_loss(prediction_logits, seq_relationship_logits, mlm_labels,
   return loss, metrics
 
 
-def clip_contrastive_loss(image_embeds, text_embeds, logit_scale) -> tuple[jax.Array, Metrics]:
+def clip_contrastive_loss(image_embeds, text_embeds, logit_scale,
+                          valid=None) -> tuple[jax.Array, Metrics]:
   """CLIP's symmetric InfoNCE loss over the batch: image i and text i are the matching pair.
 
   logits = min(exp(logit_scale), 100) * image_embeds @ text_embeds.T (B, B); the loss is the mean
   of the image->text cross-entropy (rows) and the text->image one (columns), each against the
   diagonal.
+
+  With `valid`, the pairs of valid 0 (the eval loader's padding, copies of example 0) are left
+  out entirely: they are not queries (not in the loss, recall or count) and not candidates (their
+  logits are masked out of the other rows' softmax and ranks), so the metrics are exactly those
+  of the valid pairs alone.
 
   Over the global batch: called inside `jax.jit` on embeddings sharded along the batch over a
   mesh, the (B, B) similarity is still the global one (GSPMD gathers what the matmul needs), so
@@ -314,14 +321,19 @@ def clip_contrastive_loss(image_embeds, text_embeds, logit_scale) -> tuple[jax.A
     text_embeds: (B, E) L2-normalised text embeddings of the paired texts.
     logit_scale: scalar, the log of the inverse temperature (the model's `logit_scale`
       parameter, so that it is trained through this loss).
+    valid: optional (B,) int or bool, nonzero for a real pair: batch['valid'] of an eval batch.
+      None (training): every pair is real.
 
   Returns:
     loss, a float32 scalar, and metrics {'loss', 'temperature' (1 / the clamped scale),
-    'i2t_recall@1', 't2i_recall@1', 'i2t_recall@5', 't2i_recall@5', 'num_examples' (B)}.
-    Recall@k is the fraction of images (texts) whose matching text (image) is among the k
-    highest-scored of the B; a k above B counts every row. Ties count in the pair's favour (only
-    strictly higher scores push it down). Retrieval metrics depend on B: compare them at equal
-    batch sizes.
+    'i2t_recall@1', 't2i_recall@1', 'i2t_recall@5', 't2i_recall@5', 'num_examples' (int32: the
+    number of valid pairs, B without `valid`)}. Loss and recalls are means over the valid pairs
+    (0 if there are none), so MERGE_WEIGHTS['contrastive'] ('num_examples') merges eval batches
+    into the mean over the real examples. Recall@k is the fraction of images (texts) whose
+    matching text (image) is among the k highest-scored of the valid candidates; a k above their
+    number counts every row. Ties count in the pair's favour (only strictly higher scores push
+    it down). Retrieval metrics depend on the number of candidates: compare them at equal batch
+    sizes.
   """
   image_embeds = jnp.asarray(image_embeds).astype(jnp.float32)
   text_embeds = jnp.asarray(text_embeds).astype(jnp.float32)
@@ -332,23 +344,37 @@ def clip_contrastive_loss(image_embeds, text_embeds, logit_scale) -> tuple[jax.A
   if logit_scale.shape != ():
     raise ValueError(f'logit_scale must be a scalar (the log of the inverse temperature), got '
                      f'shape {logit_scale.shape}.')
+  batch_size = image_embeds.shape[0]
+  if valid is None:
+    valid_B = jnp.ones((batch_size,), jnp.bool_)
+  else:
+    valid_B = jnp.asarray(valid)
+    if valid_B.shape != (batch_size,):
+      raise ValueError(f'valid must be ({batch_size},), one flag per image-text pair, got shape '
+                       f'{valid_B.shape}.')
+    valid_B = valid_B != 0
   scale = jnp.minimum(jnp.exp(logit_scale), MAX_LOGIT_SCALE)
   # HIGHEST: scaled by up to 100, the bf16 passes of a default-precision matmul shift the logits
   # by ~0.1 on accelerators; a (B, B, E) matmul is cheap next to the towers.
   logits_IxT = scale * jnp.matmul(image_embeds, text_embeds.T,
                                   precision=jax.lax.Precision.HIGHEST)
   matching_B = jnp.diagonal(logits_IxT)
-  image_to_text = jnp.mean(jax.nn.logsumexp(logits_IxT, axis=1) - matching_B)
-  text_to_image = jnp.mean(jax.nn.logsumexp(logits_IxT, axis=0) - matching_B)
+  # Padding is no candidate: its logits get float32's lowest value, whose exp underflows to
+  # exactly 0 next to any real logit (finite, so an all-padding row gives no inf or NaN) and
+  # which scores below every real pair. A padding query's own row is masked too; it has weight 0.
+  logits_IxT = jnp.where(valid_B[:, None] & valid_B[None, :], logits_IxT,
+                         jnp.finfo(jnp.float32).min)
+  image_to_text = weighted_mean(jax.nn.logsumexp(logits_IxT, axis=1) - matching_B, valid_B)
+  text_to_image = weighted_mean(jax.nn.logsumexp(logits_IxT, axis=0) - matching_B, valid_B)
   loss = (image_to_text + text_to_image) / 2
   # A pair's rank among the candidates is how many score strictly higher than it.
   image_rank_B = jnp.sum(logits_IxT > matching_B[:, None], axis=1)
   text_rank_B = jnp.sum(logits_IxT > matching_B[None, :], axis=0)
   metrics = {'loss': loss, 'temperature': 1.0 / scale}
   for k in RECALL_AT:
-    metrics[f'i2t_recall@{k}'] = jnp.mean(image_rank_B < k, dtype=jnp.float32)
-    metrics[f't2i_recall@{k}'] = jnp.mean(text_rank_B < k, dtype=jnp.float32)
-  metrics['num_examples'] = jnp.asarray(image_embeds.shape[0], jnp.int32)
+    metrics[f'i2t_recall@{k}'] = weighted_mean(image_rank_B < k, valid_B)
+    metrics[f't2i_recall@{k}'] = weighted_mean(text_rank_B < k, valid_B)
+  metrics['num_examples'] = _count(valid_B)
   return loss, metrics
 
 
@@ -401,13 +427,15 @@ def mlm_nsp_objective(outputs, batch) -> tuple[jax.Array, Metrics]:
 
 
 def contrastive_objective(outputs, batch, *, logit_scale=None) -> tuple[jax.Array, Metrics]:
-  """clip_contrastive_loss of CLIPOutput.image_embeds and text_embeds; the batch is not read.
+  """clip_contrastive_loss of CLIPOutput.image_embeds and text_embeds.
+
+  The pairing is positional (row i of each tower's embeddings); of the batch only 'valid' is
+  read, where it is present (eval batches: 0 on padding, which is then left out).
 
   CLIPOutput does not carry the scale, so the trainer passes the model's parameter:
   logit_scale=params['logit_scale'] (the unboxed variables['params']['logit_scale']), which
   keeps it trainable.
   """
-  del batch  # The pairing is positional: row i of each tower's embeddings.
   _check_outputs(outputs, (model_outputs.CLIPOutput,), 'contrastive',
                  'CLIP called with both input_ids and pixel_values')
   if outputs.image_embeds is None or outputs.text_embeds is None:
@@ -416,7 +444,8 @@ def contrastive_objective(outputs, batch, *, logit_scale=None) -> tuple[jax.Arra
   if logit_scale is None:
     raise TypeError("The contrastive objective needs logit_scale=params['logit_scale'] (CLIP's "
                     'log inverse temperature; CLIPOutput does not carry it).')
-  return clip_contrastive_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
+  return clip_contrastive_loss(outputs.image_embeds, outputs.text_embeds, logit_scale,
+                               batch.get('valid'))
 
 
 # name -> (outputs, batch, **options) -> (loss, metrics).
@@ -448,12 +477,24 @@ MERGE_WEIGHTS: dict[str, str | dict[str, str]] = {
 }
 
 # Metrics that are functions of other metrics, recomputed from their merged values (when those
-# are all present) rather than averaged. In order: 'loss' before the perplexities.
-_DERIVED_METRICS: dict[str, tuple[tuple[str, ...], Callable[..., float]]] = {
-    'loss': (('mlm_loss', 'nsp_loss'), lambda mlm, nsp: mlm + nsp),
-    'perplexity': (('loss',), np.exp),
-    'mlm_perplexity': (('mlm_loss',), np.exp),
+# are all present) rather than averaged. In order: 'loss' before the perplexities. Each rule takes
+# the array module (numpy on the host, jax.numpy inside a step) and then its inputs.
+_DERIVED_METRICS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
+    'loss': (('mlm_loss', 'nsp_loss'), lambda xp, mlm, nsp: mlm + nsp),
+    'perplexity': (('loss',), lambda xp, loss: xp.exp(loss)),
+    'mlm_perplexity': (('mlm_loss',), lambda xp, mlm_loss: xp.exp(mlm_loss)),
 }
+
+
+def derive_metrics(metrics: Mapping[str, Any], xp=np) -> dict[str, Any]:
+  """`metrics` with its derived metrics (perplexity = exp(loss), MLM + NSP's loss = mlm_loss +
+  nsp_loss) recomputed from their inputs' merged means: the exp of a mean loss, not a mean of
+  exps. xp: numpy for host values, jax.numpy inside a jitted step (gradient accumulation)."""
+  out = dict(metrics)
+  for name, (inputs, combine) in _DERIVED_METRICS.items():
+    if name in out and all(i in out for i in inputs):
+      out[name] = combine(xp, *(out[i] for i in inputs))
+  return out
 
 
 def merge_metrics(metrics_list: Sequence[Mapping[str, Any]],
@@ -482,8 +523,8 @@ def merge_metrics(metrics_list: Sequence[Mapping[str, Any]],
                        'merge the metrics of one objective at a time.')
   columns = {k: np.array([np.asarray(jax.device_get(m[k]), np.float64) for m in metrics_list])
              for k in keys}
-  derived = {name: rule for name, rule in _DERIVED_METRICS.items()
-             if name in columns and all(i in columns for i in rule[0])}
+  derived = {name for name, (inputs, _) in _DERIVED_METRICS.items()
+             if name in columns and all(i in columns for i in inputs)}
   merged: dict[str, float | int] = {}
   for key in keys:
     if key.startswith('num_'):
@@ -500,6 +541,8 @@ def merge_metrics(metrics_list: Sequence[Mapping[str, Any]],
     total = counts.sum()
     merged[key] = float(np.where(counts != 0, columns[key] * counts, 0.0).sum() / total
                         if total > 0 else 0.0)
-  for name, (inputs, combine) in derived.items():
-    merged[name] = float(combine(*(merged[i] for i in inputs)))
+  # Placeholders for the derived metrics, which derive_metrics then computes from the merged means.
+  merged.update({name: 0.0 for name in derived})
+  merged = {k: (float(v) if k in derived else v)
+            for k, v in derive_metrics(merged).items()}
   return {k: merged[k] for k in keys}

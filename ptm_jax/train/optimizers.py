@@ -33,7 +33,10 @@ logging and tests); called with the int32 step count inside the optimizer, in fl
 
 Weight decay (weight_decay > 0) decays, with weight_decay_mask '' (the default), the parameters
 with ndim >= 2 (kernels and embedding tables) and leaves the 1-D ones (biases, LayerNorm scales
-and offsets) alone; 'all' decays every parameter. The mask is a function of the parameter pytree,
+and offsets) alone; 'all' decays every parameter. Under a scanned stack (LayerStack(scan=True):
+the blocks' parameters stacked under 'layers' with a leading (num_layers,) axis) that axis is not
+counted, so a stacked bias (num_layers, D) is not decayed and the scanned model decays exactly
+the looped model's parameters. The mask is a function of the parameter pytree (shapes and paths),
 so the same optimizer works on abstract parameters (jax.ShapeDtypeStruct) and concrete arrays; it
 expects unboxed parameters (plain arrays, not flax nn.Partitioned boxes). How each optimizer
 decays:
@@ -85,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.b2 = 0.999
   c.eps = 1e-8
   c.weight_decay = 0.0
-  c.weight_decay_mask = ''          # '' = parameters with ndim >= 2 only; 'all' = every one
+  c.weight_decay_mask = ''          # '' = ndim >= 2 (scan's layer axis not counted); 'all' = all
   # SGD.
   c.momentum = 0.9                  # 0 = plain SGD
   c.nesterov = False                # also NAdam(W) for adam and adamw
@@ -209,9 +212,24 @@ def learning_rate_at(schedule: optax.Schedule, step) -> float:
   return float(schedule(step))
 
 
+# The key a scanned stack (ptm_jax.models.layers.LayerStack(scan=True)) keeps its blocks under:
+# each parameter below it carries a leading (num_layers,) axis that the looped layout lacks.
+_STACKED_KEY = 'layers'
+
+
+def _key_name(key) -> Any:
+  """A path entry's name: the dict key (DictKey) or attribute name (GetAttrKey), else None."""
+  return getattr(key, 'key', getattr(key, 'name', None))
+
+
 def _decay_mask(params) -> Any:
-  """True for the parameters weight decay applies to: ndim >= 2 (kernels, embeddings)."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """True for the parameters weight decay applies to: ndim >= 2 (kernels, embeddings), not
+  counting the leading layer axis of each scanned stack ('layers') the parameter lies under, so
+  that a stacked bias (num_layers, D) is left alone as the looped model's (D,) is."""
+  def decayed(path, x):
+    stacked = sum(_key_name(k) == _STACKED_KEY for k in path[:-1])
+    return x.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def _update_rule(config: ml_collections.ConfigDict, schedule) -> list:
@@ -336,7 +354,7 @@ def _check_params(config: ml_collections.ConfigDict,
     raise TypeError('make_optimizer(params=...) takes a pytree of arrays or '
                     f'jax.ShapeDtypeStruct; it has leaves of type {sorted(set(shapeless))}.')
   if config.weight_decay and config.weight_decay_mask == '' and not any(
-      x.ndim >= 2 for x in leaves):
+      jax.tree.leaves(_decay_mask(params))):
     raise ValueError(f'config.optimizer.weight_decay is {config.weight_decay} but no parameter '
                      "has ndim >= 2, so nothing would be decayed: set weight_decay_mask='all' "
                      'or weight_decay=0.')
