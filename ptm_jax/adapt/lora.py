@@ -20,7 +20,10 @@ scanned stack stacks them too), and the base checkpoint loads unchanged.
          B ~ N(0, 1) (PEFT's choice for embeddings).
   DoRA   y = (m / ||W0 + s A B||_c) * (W0 x + s B A dropout(x)) + b with the column norm (one
          per output feature: over axis 0 of an (in, out) kernel) treated as a constant in the
-         backward pass (the DoRA paper's section 4.3); m starts at ||W0||_c.
+         backward pass (the DoRA paper's section 4.3); m starts at ||W0||_c. With dropout in
+         training, PEFT rescales W0 dropout(x) by (m / ||.||_c - 1) on top of the undropped
+         W0 x; here the undropped base output is rescaled, as the formula above (REFERENCE.md)
+         writes it. The two agree without dropout and at evaluation.
   QLoRA  LoRA over a frozen NF4 kernel, dequantised on the fly to compute_dtype (bf16).
 
 `prepare` finishes an adapted tree after base weights were loaded into it (DoRA's magnitude from
