@@ -462,6 +462,18 @@ def _timed(fn) -> tuple[Any, float, int]:
 
 def run(opts: Options) -> dict:
   """Builds, compiles and times ours (and the peer); returns the JSON record (module docstring)."""
+  if opts.vocabulary_multiple < 1:
+    raise ValueError(f'vocabulary_multiple must be at least 1 (1: unpadded), got '
+                     f'{opts.vocabulary_multiple}.')
+  default_multiple = layers.VOCABULARY_MULTIPLE
+  layers.VOCABULARY_MULTIPLE = opts.vocabulary_multiple  # read while the step is traced
+  try:
+    return _run(opts)
+  finally:
+    layers.VOCABULARY_MULTIPLE = default_multiple
+
+
+def _run(opts: Options) -> dict:
   family = opts.model
   size = opts.size or DEFAULT_SIZE[family]
   batch_size, seq_len, image_size = resolve_shape(opts)
@@ -477,7 +489,6 @@ def run(opts: Options) -> dict:
     if family == 'resnet':
       raise ValueError('--scan_layers applies to transformer stacks; ResNet has none.')
     module = module.clone(layer_stack=layers.LayerStack(scan=True))
-  layers.VOCABULARY_MULTIPLE = opts.vocabulary_multiple
   device = jax.devices()[0]
 
   batch_np = make_batch(family, cfg, batch_size, seq_len, image_size, opts.seed)

@@ -42,6 +42,9 @@ from ptm_jax.train import (checkpointing, distributed, hardware, objectives, opt
                            profiling, runtime)
 from ptm_jax.train.config import RESUMABLE_KEYS, finalize
 
+# The key under which gradient accumulation sums the loss the step reports (EWC's term included).
+TOTAL_LOSS = '_total_loss'
+
 # ------------------------------------------------------------------------------------------------
 # Model and train state.
 
@@ -313,24 +316,28 @@ def make_steps(module, family: str, config, tx) -> Steps:
       (_, (loss, metrics, extra, w)), grads = grad_fn(params, constants, extra, micro,
                                                       jax.random.fold_in(rng, i))
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      # Counts (num_*) add up; every other metric is a weighted mean.
+      # Counts (num_*) add up; every other metric is a weighted mean. The objective's own loss
+      # stays under 'loss' (the perplexities derive from it); the loss with EWC's term, which
+      # the step reports, under TOTAL_LOSS.
       metrics_sum = {k: metrics_sum[k] + (v if k.startswith('num_') else w * v)
-                     for k, v in dict(metrics, loss=loss).items()}
+                     for k, v in dict(metrics, **{TOTAL_LOSS: loss}).items()}
       return (grads_sum, weight_sum + w, metrics_sum, extra), None
 
     micro_batches = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     metric_shapes = jax.eval_shape(lambda: grad_fn(params, constants, extra, first, rng)[0][1][1])
     metric_zeros = {k: jnp.zeros(m.shape, jnp.float32) for k, m in metric_shapes.items()}
-    metric_zeros['loss'] = jnp.float32(0.0)
+    metric_zeros[TOTAL_LOSS] = jnp.float32(0.0)
     (grads_sum, weight_sum, metrics_sum, extra), _ = jax.lax.scan(
         body, (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), metric_zeros, extra),
         (jnp.arange(accum_steps), micro_batches))
     grads = normalised(grads_sum, weight_sum)
-    metrics = {k: v if k.startswith('num_') else v / weight_sum for k, v in metrics_sum.items()}
+    # A batch with no scored label (weight 0) reports 0, as one big batch does, not 0 / 0.
+    safe_weight = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    metrics = {k: v if k.startswith('num_') else v / safe_weight for k, v in metrics_sum.items()}
+    loss = metrics.pop(TOTAL_LOSS)
     # Perplexity is exp of the accumulated mean loss, as one big batch gives, not a mean of exps.
     metrics = objectives.derive_metrics(metrics, jnp)
-    loss = metrics.pop('loss')
     return loss, metrics, extra, grads
 
   def train_step(state, constants, batch):
@@ -629,14 +636,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   start = int(state['step'])
   if start >= config.total_steps:
     finished = _read_summary(workdir)
-    if finished is not None and not finished.get('dry_run'):
+    # The summary of this very state: not a dry run's, nor one of an earlier total_steps that the
+    # run went past before a preemption.
+    keep = (finished is not None and not finished.get('dry_run')
+            and finished.get('final_step') == start)
+    if jax.process_count() > 1:  # one decision for all: the other branch has collectives
+      from jax.experimental import multihost_utils
+      keep = bool(multihost_utils.broadcast_one_to_all(np.int32(keep)))
+    if keep:
       # A finished run started again (the same command line after the job ended): its results
       # stand; training nothing and overwriting them with empty metrics would lose them.
       checkpointer.close()
-      print(f'The run in {workdir} already reached step {start} of total_steps='
-            f'{config.total_steps}; its summary.json is kept. Raise --config.total_steps to '
-            'train on.', flush=True)
-      return finished
+      if is_writer:
+        print(f'The run in {workdir} already reached step {start} of total_steps='
+              f'{config.total_steps}; its summary.json is kept. Raise --config.total_steps to '
+              'train on (with optimizer.decay_steps=0 the schedule stretches to the new total).',
+              flush=True)
+      return finished or {}  # {} on a process that cannot read process 0's summary.json
   eval_loader = pipeline.make_loader(_eval_config(config), config.data.eval_split, train=False,
                                      mesh=mesh,
                                      tokenizer=tokenizer, family=family)
@@ -691,7 +707,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         last_eval = evaluate(eval_step_fn, state, eval_loader, objective_name,
                              config.eval_steps)
         writer.write({'step': step, 'split': 'eval', **last_eval})
-        timer_t = time.time()
+        # The next log interval starts after the eval, in steps as in time.
+        timer_step, timer_t = step, time.time()
       # SIGTERM (one process) or JAX's preemption service (all processes agree on the step).
       preempted = checkpointer.reached_preemption(step)
       if preempted or done or (config.checkpoint_every and step % config.checkpoint_every == 0):

@@ -106,6 +106,37 @@ def test_gradient_accumulation_equals_one_big_batch():
                accum_state['params'], big_state['params'])
 
 
+def test_accumulation_with_ewc_reports_the_same_loss_and_perplexity():
+  # The step's loss carries EWC's term; the perplexity is the objective's own, exp(its loss).
+  def ewc_steps(accum_steps):
+    config = finalize(base_config())
+    config.data.task = 'causal_lm'
+    config.optimizer.grad_accum_steps = accum_steps
+    config.adapt.ewc.weight = 0.05
+    config.adapt.source = {'classes': (0,)}
+    module = gpt2.GPT2(TINY_GPT2, head='lm')
+    tx = optax.sgd(LEARNING_RATE)
+    steps = train.make_steps(module, 'gpt2', config, tx)
+    params = nn.unbox(module.init(jax.random.key(0), **module.example_inputs()))['params']
+    anchor = jax.tree.map(lambda p: p + 0.1, params)
+    constants = {'ewc': {'anchor': anchor, 'fisher': jax.tree.map(jnp.ones_like, params)}}
+    state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params), 'extra': {},
+             'rng': jax.random.key(1)}
+    return jax.jit(lambda state, batch: steps.train(state, constants, batch)), state
+
+  batch = _lm_batch(seed=5)
+  (big_step, big_state), (accum_step, accum_state) = ewc_steps(1), ewc_steps(4)
+  _, big = big_step(big_state, batch)
+  _, accum = accum_step(accum_state, batch)
+  assert float(big['ewc_penalty']) > 0
+  for key in ('loss', 'perplexity', 'ewc_penalty'):
+    np.testing.assert_allclose(accum[key], big[key], rtol=1e-5, err_msg=key)
+  # The loss holds EWC's term; the perplexity does not.
+  penalty_term = 0.5 * 0.05 * float(big['ewc_penalty'])
+  np.testing.assert_allclose(np.log(accum['perplexity']), float(accum['loss']) - penalty_term,
+                             rtol=1e-5)
+
+
 def test_equal_weighting_would_differ_so_the_test_above_can_fail():
   """Guards the test above: the per-micro-batch mean losses do not average to the batch loss."""
   batch = _lm_batch()
@@ -198,15 +229,20 @@ def _checkpoint_steps(workdir):
   return sorted(int(p) for p in os.listdir(os.path.join(workdir, 'checkpoints')) if p.isdigit())
 
 
-def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path):
+@pytest.mark.parametrize('learning_rate, message', [
+    (1e38, r'Loss is .* at step (\d)'),                     # huge parameters, then a NaN loss
+    (float('inf'), r'parameters are not finite after step (\d)'),  # the first update's are
+])
+def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path, learning_rate,
+                                                                  message):
   # A learning rate that blows the parameters up at the first update; the loss is logged only
   # at the end, but a checkpoint is due every step: none may hold the non-finite state.
   config = _digits_config(**{'total_steps': 6, 'log_every': 100, 'checkpoint_every': 1,
-                             'optimizer.learning_rate': 1e38, 'optimizer.name': 'sgd',
+                             'optimizer.learning_rate': learning_rate, 'optimizer.name': 'sgd',
                              'optimizer.momentum': 0.0})
-  with pytest.raises(FloatingPointError, match=r'at step \d.*last good checkpoint') as error:
+  with pytest.raises(FloatingPointError, match=message + '.*last good checkpoint') as error:
     train.train_and_evaluate(config, str(tmp_path))
-  stopped_at = int(re.search(r'at step (\d)', str(error.value)).group(1))
+  stopped_at = int(re.search(message, str(error.value)).group(1))
   assert stopped_at < 6  # not left to the last step's log
   saved = _checkpoint_steps(tmp_path)
   assert all(step < stopped_at for step in saved)
@@ -227,6 +263,9 @@ def test_a_finished_run_started_again_keeps_its_summary(tmp_path, capsys):
   assert again == json.loads(summary_text)
   assert (tmp_path / 'summary.json').read_text() == summary_text
   assert (tmp_path / 'metrics.jsonl').read_text() == log_lines
+  # A summary of another step (an earlier total_steps the run went past): evaluated again.
+  (tmp_path / 'summary.json').write_text(json.dumps(dict(first, final_step=2, eval={})))
+  assert train.train_and_evaluate(_digits_config(), str(tmp_path))['eval']
   # Without its summary.json (killed after the last checkpoint): evaluated again, not emptied.
   (tmp_path / 'summary.json').unlink()
   redone = train.train_and_evaluate(_digits_config(), str(tmp_path))

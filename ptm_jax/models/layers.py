@@ -713,6 +713,8 @@ def transformer_stack(x_BxTxD, mask=None, *, num_layers: int, causal: bool = Fal
     scanned = nn.scan(apply_block, variable_axes={'params': 0, 'cache': 0},
                       split_rngs={'params': True, 'dropout': True}, length=num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
+    # 'layers': the name stack_layers/unstack_layers and the optimizers' decay mask
+    # (optimizers._STACKED_KEY) know the stacked parameters by.
     x_BxTxD, _ = scanned(TransformerBlock(**block_fields, name='layers'), x_BxTxD, None)
     return x_BxTxD
   for i in range(num_layers):

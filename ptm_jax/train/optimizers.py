@@ -356,6 +356,7 @@ def _check_params(config: ml_collections.ConfigDict,
   if config.weight_decay and config.weight_decay_mask == '' and not any(
       jax.tree.leaves(_decay_mask(params))):
     raise ValueError(f'config.optimizer.weight_decay is {config.weight_decay} but no parameter '
-                     "has ndim >= 2, so nothing would be decayed: set weight_decay_mask='all' "
+                     "has ndim >= 2 (scan's layer axis not counted), so nothing would be "
+                     "decayed: set weight_decay_mask='all' "
                      'or weight_decay=0.')
   jax.eval_shape(transformation.init, params)
