@@ -44,6 +44,8 @@ from ptm_jax.train.config import RESUMABLE_KEYS, finalize
 
 # The key under which gradient accumulation sums the loss the step reports (EWC's term included).
 TOTAL_LOSS = '_total_loss'
+# Where --dry_run writes its summary in a workdir whose summary.json is a trained run's.
+DRY_RUN_SUMMARY_FILE = 'dry_run_summary.json'
 
 # ------------------------------------------------------------------------------------------------
 # Model and train state.
@@ -610,7 +612,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
           f'({trainable_report["trainable_percent"]:.2f}%). Train step compiled in {compile_s:.1f} s; step memory {step_bytes} bytes.', flush=True)
   if dry_run:
     summary['dry_run'] = True
-    _write_summary(workdir, summary, is_writer)
+    finished = _read_summary(workdir)
+    if finished is not None and not finished.get('dry_run'):
+      # A trained run's results stay in summary.json; the dry run's go beside them.
+      _write_summary(workdir, summary, is_writer, DRY_RUN_SUMMARY_FILE)
+      if is_writer:
+        print(f'{workdir}/summary.json holds a trained run\'s results; this dry run\'s summary '
+              f'is in {DRY_RUN_SUMMARY_FILE}.', flush=True)
+    else:
+      _write_summary(workdir, summary, is_writer)
     return summary
 
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -812,9 +822,9 @@ def _read_summary(workdir: str) -> dict | None:
   return summary if isinstance(summary, dict) else None
 
 
-def _write_summary(workdir: str, summary: dict, is_writer: bool):
+def _write_summary(workdir: str, summary: dict, is_writer: bool, name: str = 'summary.json'):
   if is_writer:
-    with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
+    with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:
       json.dump(summary, f, indent=2, sort_keys=True)
 
 

@@ -263,6 +263,10 @@ def test_a_finished_run_started_again_keeps_its_summary(tmp_path, capsys):
   assert again == json.loads(summary_text)
   assert (tmp_path / 'summary.json').read_text() == summary_text
   assert (tmp_path / 'metrics.jsonl').read_text() == log_lines
+  # A dry run in the finished run's workdir leaves its summary.json alone.
+  dry = train.train_and_evaluate(_digits_config(), str(tmp_path), dry_run=True)
+  assert dry['dry_run'] and (tmp_path / 'summary.json').read_text() == summary_text
+  assert json.loads((tmp_path / train.DRY_RUN_SUMMARY_FILE).read_text())['dry_run']
   # A summary of another step (an earlier total_steps the run went past): evaluated again.
   (tmp_path / 'summary.json').write_text(json.dumps(dict(first, final_step=2, eval={})))
   assert train.train_and_evaluate(_digits_config(), str(tmp_path))['eval']
