@@ -612,8 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
           f'({trainable_report["trainable_percent"]:.2f}%). Train step compiled in {compile_s:.1f} s; step memory {step_bytes} bytes.', flush=True)
   if dry_run:
     summary['dry_run'] = True
-    finished = _read_summary(workdir)
-    if finished is not None and not finished.get('dry_run'):
+    if _read_summary(workdir) is not None:
       # A trained run's results stay in summary.json; the dry run's go beside them.
       _write_summary(workdir, summary, is_writer, DRY_RUN_SUMMARY_FILE)
       if is_writer:
@@ -646,10 +645,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   start = int(state['step'])
   if start >= config.total_steps:
     finished = _read_summary(workdir)
-    # The summary of this very state: not a dry run's, nor one of an earlier total_steps that the
-    # run went past before a preemption.
-    keep = (finished is not None and not finished.get('dry_run')
-            and finished.get('final_step') == start)
+    # The summary of this very state, not one of an earlier total_steps that the run went past
+    # before a preemption.
+    keep = finished is not None and finished.get('final_step') == start
     if jax.process_count() > 1:  # one decision for all: the other branch has collectives
       from jax.experimental import multihost_utils
       keep = bool(multihost_utils.broadcast_one_to_all(np.int32(keep)))
@@ -695,7 +693,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         tracing = False
       if step % config.log_every == 0 or done:
         train_metrics = _scalars(metrics)
-        _check_finite(train_metrics['loss'], step, checkpointer, workdir)
+        if not math.isfinite(train_metrics['loss']):
+          raise _not_finite(f'Loss is {train_metrics["loss"]} at step {step}', checkpointer,
+                            workdir)
         elapsed = time.time() - timer_t
         rate = (step - timer_step) / max(elapsed, 1e-9)
         # seconds_per_step leaves out the first interval (the first steps' warm-up) unless it is
@@ -725,13 +725,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         # Between log steps nothing has been looked at: a NaN state must not become the latest
         # checkpoint, which a NaN stop promises to keep good. The loss is that of the state
         # before this step's update, so the updated parameters are checked too.
-        _check_finite(_scalars({'loss': metrics['loss']})['loss'], step, checkpointer, workdir)
+        loss = _scalars({'loss': metrics['loss']})['loss']
+        if not math.isfinite(loss):
+          raise _not_finite(f'Loss is {loss} at step {step}', checkpointer, workdir)
         if not bool(_all_finite(state['params'])):
-          raise FloatingPointError(
-              f'The parameters are not finite after step {step}; stopping without saving them. '
-              f'The last good checkpoint (step {checkpointer.latest_step()}) is kept in '
-              f'{workdir}. Lower the learning rate or enable gradient clipping '
-              '(optimizer.grad_clip_norm).')
+          raise _not_finite(f'The parameters are not finite after step {step}', checkpointer,
+                            workdir)
         checkpointer.save(step, state, train_loader.get_state(), force=True)
       if preempted:
         checkpointer.wait()
@@ -798,28 +797,27 @@ def _export_low_rank(module, params, extra, adapt, workdir: str, base: str | Non
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  """Whether every float in the pytree is finite: a scalar bool."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  """Whether every value in the pytree is finite: a scalar bool."""
+  return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree),
+                         jnp.array(True))
 
 
-def _check_finite(loss: float, step: int, checkpointer, workdir: str):
-  if not math.isfinite(loss):
-    raise FloatingPointError(
-        f'Loss is {loss} at step {step}; stopping. The last good checkpoint (step '
-        f'{checkpointer.latest_step()}) is kept in {workdir}. Lower the learning rate or enable '
-        'gradient clipping (optimizer.grad_clip_norm).')
+def _not_finite(what: str, checkpointer, workdir: str) -> FloatingPointError:
+  """The NaN/Inf stop: `what` happened, nothing more is saved, the last good checkpoint stays."""
+  return FloatingPointError(
+      f'{what}; stopping. The last good checkpoint (step {checkpointer.latest_step()}) is kept in '
+      f'{workdir}. Lower the learning rate or enable gradient clipping (optimizer.grad_clip_norm).')
 
 
 def _read_summary(workdir: str) -> dict | None:
-  """WORKDIR/summary.json of a finished run, or None where there is none (or it is damaged)."""
+  """WORKDIR/summary.json of a trained run, or None where there is none (or it is a dry run's,
+  or damaged)."""
   try:
     with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
       summary = json.load(f)
   except (OSError, ValueError):
     return None
-  return summary if isinstance(summary, dict) else None
+  return summary if isinstance(summary, dict) and not summary.get('dry_run') else None
 
 
 def _write_summary(workdir: str, summary: dict, is_writer: bool, name: str = 'summary.json'):

@@ -229,12 +229,12 @@ def _checkpoint_steps(workdir):
   return sorted(int(p) for p in os.listdir(os.path.join(workdir, 'checkpoints')) if p.isdigit())
 
 
-@pytest.mark.parametrize('learning_rate, message', [
-    (1e38, r'Loss is .* at step (\d)'),                     # huge parameters, then a NaN loss
-    (float('inf'), r'parameters are not finite after step (\d)'),  # the first update's are
+@pytest.mark.parametrize('learning_rate, message, stop_step', [
+    (1e38, r'Loss is .* at step (\d)', 2),                  # huge parameters, then a NaN loss
+    (float('inf'), r'parameters are not finite after step (\d)', 1),  # the first update's are
 ])
 def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path, learning_rate,
-                                                                  message):
+                                                                  message, stop_step):
   # A learning rate that blows the parameters up at the first update; the loss is logged only
   # at the end, but a checkpoint is due every step: none may hold the non-finite state.
   config = _digits_config(**{'total_steps': 6, 'log_every': 100, 'checkpoint_every': 1,
@@ -242,11 +242,11 @@ def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path, learn
                              'optimizer.momentum': 0.0})
   with pytest.raises(FloatingPointError, match=message + '.*last good checkpoint') as error:
     train.train_and_evaluate(config, str(tmp_path))
-  stopped_at = int(re.search(message, str(error.value)).group(1))
-  assert stopped_at < 6  # not left to the last step's log
+  # Stopped at the first non-finite state, not left to the last step's log.
+  assert int(re.search(message, str(error.value)).group(1)) == stop_step
   saved = _checkpoint_steps(tmp_path)
-  assert all(step < stopped_at for step in saved)
-  if saved:  # each checkpoint kept holds finite parameters
+  assert saved == list(range(1, stop_step))
+  if saved:  # the checkpoints kept hold finite parameters
     from ptm_jax.train import checkpointing
     latest = checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).restore(None)
     assert latest is not None and bool(train._all_finite(latest[1]['params']))
@@ -270,6 +270,7 @@ def test_a_finished_run_started_again_keeps_its_summary(tmp_path, capsys):
   # A summary of another step (an earlier total_steps the run went past): evaluated again.
   (tmp_path / 'summary.json').write_text(json.dumps(dict(first, final_step=2, eval={})))
   assert train.train_and_evaluate(_digits_config(), str(tmp_path))['eval']
+  assert json.loads((tmp_path / 'summary.json').read_text())['final_step'] == 3
   # Without its summary.json (killed after the last checkpoint): evaluated again, not emptied.
   (tmp_path / 'summary.json').unlink()
   redone = train.train_and_evaluate(_digits_config(), str(tmp_path))

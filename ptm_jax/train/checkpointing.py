@@ -378,11 +378,9 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
   def allowed(path: str) -> bool:
     # A listed key allows everything under it ('profile' allows 'profile.num_steps'), both as a
     # dotted path from the top and as a key name at any depth.
-    prefixes = [path.rsplit('.', 1)[-1]]
     parts = path.split('.')
-    prefixes += ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)]
-    prefixes += parts
-    return any(p in allowed_to_differ for p in prefixes)
+    dotted = ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p in allowed_to_differ for p in parts + dotted)
 
   return [(path, old_flat.get(path, missing), new_flat.get(path, missing))
           for path in sorted(set(old_flat) | set(new_flat))

@@ -541,8 +541,6 @@ def merge_metrics(metrics_list: Sequence[Mapping[str, Any]],
     total = counts.sum()
     merged[key] = float(np.where(counts != 0, columns[key] * counts, 0.0).sum() / total
                         if total > 0 else 0.0)
-  # Placeholders for the derived metrics, which derive_metrics then computes from the merged means.
-  merged.update({name: 0.0 for name in derived})
-  merged = {k: (float(v) if k in derived else v)
-            for k, v in derive_metrics(merged).items()}
-  return {k: merged[k] for k in keys}
+  # The derived metrics from the merged means (derive_metrics fills in the names it is given).
+  merged = derive_metrics(dict(merged, **dict.fromkeys(derived, 0.0)))
+  return {k: float(merged[k]) if k in derived else merged[k] for k in keys}
