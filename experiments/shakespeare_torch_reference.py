@@ -130,12 +130,17 @@ def main(argv):
 
   model.eval()
   with torch.no_grad():
-    n = (len(val_ids) - 1) // BLOCK   # every non-overlapping window, as ptm_jax evaluates
+    # Every token after the first predicted once, as ptm_jax evaluates: the full non-overlapping
+    # windows, then the short one left at the end of the text; the mean is over tokens.
+    n = (len(val_ids) - 1) // BLOCK
     total = 0.0
     for chunk in range(0, n, 96):
       starts = [i * BLOCK for i in range(chunk, min(n, chunk + 96))]
-      total += model(*windows(val_ids, starts)).item() * len(starts)
-    val_loss = total / n
+      total += model(*windows(val_ids, starts)).item() * len(starts) * BLOCK
+    tail = val_ids[n * BLOCK:]
+    if len(tail) > 1:
+      total += model(tail[None, :-1], tail[None, 1:]).item() * (len(tail) - 1)
+    val_loss = total / (len(val_ids) - 1)
     estimate = float(np.mean([model(*windows(val_ids, torch.randint(
         len(val_ids) - BLOCK, (BATCH,)).tolist())).item() for _ in range(20)]))
   print(json.dumps({'seed': _SEED.value, 'steps': _STEPS.value, 'val_loss': val_loss,

@@ -3,6 +3,8 @@ float32 matmuls."""
 
 import os
 
+import pytest
+
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
@@ -18,6 +20,19 @@ os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache per test process: many tests build the same small models and
+  steps, and the trainer jits a fresh closure each run, so without it XLA compiles the same
+  programs again (about a quarter of test_train_step.py's time). One directory per worker
+  (getbasetemp is per xdist worker): JAX writes cache entries without a lock, so a second process
+  could read one half-written. Subprocesses started by tests do not inherit it."""
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.getbasetemp() / 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
+  yield
+  jax.config.update('jax_compilation_cache_dir', None)
+
 # The longest files first (their --durations totals, longest first). `--dist loadfile` gives each
 # worker whole files in collection order (pyproject: --no-loadscope-reorder); a long file handed
 # out last would leave the other worker idle to the end.
@@ -29,3 +44,32 @@ LONGEST_FILES = ('test_configs.py', 'test_adapters.py', 'test_sharding.py', 'tes
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable in a file
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+  """serve(repo): huggingface_hub.snapshot_download answers every hub id with the files of the
+  local folder repo that its allow_patterns match (what the hub would send), copied into a
+  snapshot folder; returns the list of the file names fetched so far."""
+  import fnmatch
+  import shutil
+
+  import huggingface_hub
+
+  def serve(repo):
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+      del repo_id, kwargs
+      out = tmp_path / 'snapshot'
+      out.mkdir(exist_ok=True)
+      for name in os.listdir(repo):
+        if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+          shutil.copy(os.path.join(repo, name), out)
+          fetched.append(name)
+      return str(out)
+
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', snapshot_download)
+    return fetched
+
+  return serve

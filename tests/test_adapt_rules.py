@@ -47,6 +47,17 @@ def test_layer_depths_count_from_the_top():
   assert list(resnet.values()) == [1, 4, 5, 0]
 
 
+
+def test_clip_pre_layernorm_is_in_the_embedding_group():
+  """CLIP vision's pre-LayerNorm sits on the embeddings, below every block (as BERT's
+  embeddings_ln): the deepest group, not the top one with the head and the final norms."""
+  depths = rules.layer_depths(['vision_model/patch_embedding/projection/kernel',
+                               'vision_model/pre_layernorm/scale',
+                               'vision_model/layer_0/mlp/fc_in/kernel',
+                               'vision_model/layer_1/mlp/fc_in/kernel',
+                               'vision_model/post_layernorm/scale', 'visual_projection/kernel'])
+  assert list(depths.values()) == [3, 3, 2, 1, 0, 0]
+
 def test_method_defaults_rules_and_multipliers():
   params = _vit_params()
   frozen = rules.treatments(params, {'method': 'frozen'}, 'vit')

@@ -84,7 +84,7 @@ def test_gpt2_finetune_keeps_only_block_inputs_for_the_backward_pass(tmp_path):
     config = module.get_config('runlocal')
     config.model.update(model_overrides)
     config.data.name, config.data.text_file, config.data.seq_len = '', str(play), 128
-    config.model.num_layers = 8   # deep enough that the kept activations dominate
+    config.model.num_layers = 4   # deep enough that the kept activations dominate (0.51 of plain)
     config.adapt.method = 'lora'
     summary = train.train_and_evaluate(config, str(tmp_path / name), dry_run=True)
     memory[name] = summary['train_step_memory_bytes']

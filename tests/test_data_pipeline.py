@@ -282,10 +282,15 @@ def test_char_lm_windows_are_text_of_the_right_split(text_file):
       window = tokenizer.decode(np.concatenate([row, labels[-1:]]))
       assert window in train_text
   val = pipeline.make_loader(config, 'test', train=False, tokenizer=tokenizer)
-  assert len(val) == -(-((len(val_text) - 1) // 16) // 4)
-  first = next(val)
+  windows = -(-(len(val_text) - 1) // 16)  # The last one is cut short by the end of the text.
+  assert len(val) == -(-windows // 4)
+  batches = take(val, len(val))
+  first = batches[0]
   assert tokenizer.decode(first['input_ids'][0]) == val_text[:16]
   assert tokenizer.decode(first['labels'][0]) == val_text[1:17]
+  # Every validation character after the first is a label exactly once, the ragged tail too.
+  labels = np.concatenate([b['labels'][b['valid'] == 1].reshape(-1) for b in batches])
+  assert tokenizer.decode(labels[labels != pipeline.IGNORE]) == val_text[1:]
 
 
 def test_text_folder_and_byte_tokenizer(tmp_path):
@@ -300,6 +305,20 @@ def test_text_folder_and_byte_tokenizer(tmp_path):
   tokenizer = pipeline.make_tokenizer(config.data)
   batch = next(pipeline.make_loader(config, 'test', train=False, tokenizer=tokenizer))
   assert bytes(batch['input_ids'][0].astype(np.uint8)) == b'held out'
+
+
+def test_char_vocabulary_of_a_folder_holds_the_blank_lines_between_its_files(tmp_path):
+  """A folder without '{split}' is one text, its files joined by blank lines: the char
+  vocabulary must have '\\n' even when no file does."""
+  (tmp_path / 'docs').mkdir()
+  for name, words in (('a.txt', 'abc def ghi jkl'), ('b.txt', 'mno pqr stu vwx')):
+    (tmp_path / 'docs' / name).write_text(words, encoding='utf-8')
+  config = make_config(batch_size=2, task='causal_lm', text_file=str(tmp_path / 'docs'),
+                       tokenizer='char', seq_len=4)
+  tokenizer = pipeline.make_tokenizer(config.data)
+  assert '\n' in tokenizer.chars
+  batch = next(pipeline.make_loader(config, 'train', train=False, tokenizer=tokenizer))
+  assert tokenizer.decode(batch['input_ids'][0]) == 'abc '
 
 
 def test_table_files_for_text_classification(tmp_path):
@@ -318,6 +337,72 @@ def test_table_files_for_text_classification(tmp_path):
     assert batch['input_ids'].shape == (2, 12)
     assert batch['input_ids'][0, 0] == tokenizer.cls_id
     assert list(batch['label']) == [0, 2]  # rows 0 and 1: 'neg' and 'pos' of sorted names
+
+
+def test_table_labels_mean_the_same_class_in_every_split(tmp_path):
+  """CSV cells are strings: integer labels stay the ids they name ('10' is not sorted before
+  '2'); string labels are numbered by the training table's names, also in a test table that
+  lacks some of them."""
+  (tmp_path / 'train.csv').write_text('text,label\n' + ''.join(f'row {i},{i}\n'
+                                                               for i in range(12)))
+  config = make_config(batch_size=12, task='text_classification', seq_len=8, num_classes=12,
+                       table_file=str(tmp_path / '{split}.csv'), tokenizer='byte')
+  tokenizer = pipeline.make_tokenizer(config.data)
+  batch = next(pipeline.make_loader(config, 'train', train=False, tokenizer=tokenizer))
+  assert list(batch['label']) == list(range(12))
+
+  for split, labels in (('train', ['neg', 'neu', 'pos']), ('test', ['pos', 'neu'])):
+    (tmp_path / f'{split}.jsonl').write_text(''.join(
+        json.dumps({'text': f'about {label}', 'label': label}) + '\n' for label in labels))
+  config = make_config(batch_size=2, task='text_classification', seq_len=8,
+                       table_file=str(tmp_path / '{split}.jsonl'), tokenizer='byte')
+  loader = pipeline.make_loader(config, 'test', train=False, tokenizer=tokenizer)
+  assert loader.info.class_names == ['neg', 'neu', 'pos'] and loader.info.num_classes == 3
+  assert list(next(loader)['label']) == [2, 1]
+  (tmp_path / 'test.jsonl').write_text(json.dumps({'text': 'x', 'label': 'other'}) + '\n')
+  with pytest.raises(DataError, match=r"label\(s\) \['other'\] do not occur in the training"):
+    pipeline.make_loader(config, 'test', train=False, tokenizer=tokenizer)
+
+
+def test_fractional_labels_are_an_error_not_floored_to_a_class():
+  from ptm_jax.data.sources import ArraySource
+  source = ArraySource({'text': ['similar', 'unlike'], 'label': np.array([4.0, 3.8])})
+  config = make_config(batch_size=2, task='text_classification', seq_len=8, num_classes=6,
+                       tokenizer='byte')
+  loader = pipeline.make_loader(config, 'train', train=False, source=source,
+                                tokenizer=pipeline.make_tokenizer(config.data))
+  with pytest.raises(DataError, match='example 1: label 3.8 is not a class id'):
+    next(loader)
+
+
+def test_table_cells_without_a_value_are_an_error(tmp_path):
+  """A short CSV row (or a JSON null) is an error naming the row, not the text 'None'."""
+  (tmp_path / 'train.csv').write_text('text,label\na fine row,0\nshort row\n')
+  config = make_config(batch_size=2, task='text_classification', seq_len=8, num_classes=2,
+                       table_file=str(tmp_path / 'train.csv'), tokenizer='byte')
+  with pytest.raises(DataError, match=r"train.csv row 2 has no value for column\(s\) \['label'\]"):
+    pipeline.make_loader(config, 'train', train=False, tokenizer=pipeline.make_tokenizer(
+        config.data))
+  (tmp_path / 'train.jsonl').write_text('{"text": null, "label": 1}\n')
+  config.data.table_file = str(tmp_path / 'train.jsonl')
+  with pytest.raises(DataError, match=r"row 1 has no value for column\(s\) \['text'\]"):
+    pipeline.make_loader(config, 'train', train=False, tokenizer=pipeline.make_tokenizer(
+        config.data))
+
+
+def test_image_paths_are_relative_to_the_table_of_the_split(tmp_path):
+  """table_file ROOT/{split}/pairs.jsonl: images are found beside each split's own table."""
+  for split, grey in (('train', 40), ('test', 220)):
+    (tmp_path / split).mkdir()
+    Image.fromarray(np.full((8, 8, 3), grey, np.uint8)).save(tmp_path / split / 'a.png')
+    (tmp_path / split / 'pairs.jsonl').write_text(json.dumps({'image': 'a.png',
+                                                              'text': 'grey'}) + '\n')
+  config = make_config(batch_size=1, task='image_text', image_size=8, seq_len=8,
+                       augment='none', normalization='none', tokenizer='byte',
+                       table_file=str(tmp_path / '{split}' / 'pairs.jsonl'))
+  tokenizer = pipeline.make_tokenizer(config.data)
+  batch = next(pipeline.make_loader(config, 'test', train=False, tokenizer=tokenizer))
+  np.testing.assert_allclose(batch['image'], 220 / 255, atol=1e-6)
 
 
 def test_sentence_pairs_from_a_table_are_encoded_as_the_checkpoints_tokenizer_does(tmp_path):
@@ -548,6 +633,30 @@ def test_tfds_mock_streamed_lm_packs_and_resumes():
                                 uninterrupted[0]['labels'][:, :-1])
   # Packing: end-of-text tokens separate documents inside rows.
   assert (rows == tokenizer.eos_id).any()
+
+
+def test_streamed_lm_eval_scores_every_packed_token_and_no_padding():
+  """A finite stream (eval): the packer zero-fills its last row; those positions are labels -100,
+  not predictions of token 0, and the last partial batch is padded (valid=0), not dropped."""
+  import functools
+  from ptm_jax.data import text
+  tokenizer = text.ByteTokenizer()
+  docs = pipeline._ListSource(['abcde', 'fghij', 'klmno'])  # 18 tokens with the 3 end-of-texts
+  info = pipeline.DatasetInfo(task='causal_lm', split='test', num_examples=None,
+                              tokenizer=tokenizer)
+  split_data = pipeline.SplitData(None, info, stream=functools.partial(
+      pipeline._streamed_lm, docs, 'text', tokenizer, 4, False, 0))
+  loader = pipeline.Loader(split_data, global_batch_size=3, train=False)
+  batches = [next(loader), next(loader)]
+  with pytest.raises(StopIteration):
+    next(loader)
+  # Rows of 5 tokens: 'abcde', '<eot>fghi', 'j<eot>klm', 'no<eot>' + 2 zero fills.
+  np.testing.assert_array_equal(np.concatenate([b['valid'] for b in batches]), [1, 1, 1, 1, 0, 0])
+  labels = np.concatenate([b['labels'] for b in batches])
+  np.testing.assert_array_equal(labels[3], [ord('o'), 256, -100, -100])
+  assert (labels[4:] == pipeline.IGNORE).all()
+  assert (labels != 0).all()  # byte 0 is not in the text: only padding could be labelled 0
+  assert (labels != pipeline.IGNORE).sum() == 4 * 3 + 2
 
 
 def test_numpy_arrays_in_memory():

@@ -241,3 +241,53 @@ def test_hub_id_read_from_local_cache_when_offline(bert_dirs, tmp_path):
   with pytest.raises(FileNotFoundError, match=r'someone/absent.*neither a local folder nor in '
                      r'the Hugging Face cache'):
     ptm_jax.from_pretrained('someone/absent', cache_dir=str(tmp_path / 'cache'))
+
+
+def test_untied_mlm_decoder_is_not_dropped_silently(tmp_path):
+  """tie_word_embeddings=false: the checkpoint's decoder is its own weight, not a tied copy."""
+  config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=24,
+                                   max_position_embeddings=20, tie_word_embeddings=False)
+  torch.manual_seed(0)
+  reference = parity.perturb(transformers.BertForMaskedLM(config).eval())
+  assert not torch.equal(reference.cls.predictions.decoder.weight,
+                         reference.bert.embeddings.word_embeddings.weight)
+  reference.save_pretrained(tmp_path / 'untied')
+  with pytest.raises(ptm_jax.CheckpointError, match=r'tie_word_embeddings.*'
+                     r'cls\.predictions\.decoder\.weight.*allow_unexpected_keys=True'):
+    ptm_jax.from_pretrained(str(tmp_path / 'untied'))
+  # Dropping them on request still gives the encoder that transformers computes.
+  module, variables = ptm_jax.from_pretrained(str(tmp_path / 'untied'),
+                                              allow_unexpected_keys=True)
+  ids = np.arange(12, dtype=np.int32)[None] % 50
+  with torch.no_grad():
+    expected = reference.bert(torch.tensor(ids, dtype=torch.long)).last_hidden_state
+  assert parity.max_abs_diff(module.apply(variables, input_ids=ids).last_hidden_state,
+                             expected) <= 1e-5
+
+
+def test_legacy_pickle_format_loads(bert_dirs, tmp_path):
+  """.bin files saved before torch 1.6 are not zip archives, which torch cannot memory-map."""
+  folder = str(tmp_path / 'legacy')
+  os.makedirs(folder)
+  shutil.copy(os.path.join(bert_dirs['cls'], 'config.json'), folder)
+  torch.save(bert_dirs['torch_cls'].state_dict(), os.path.join(folder, 'pytorch_model.bin'),
+             _use_new_zipfile_serialization=False)
+  module, variables = ptm_jax.from_pretrained(folder, allow_pickle=True)
+  _, reference = ptm_jax.from_pretrained(bert_dirs['cls'])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference))
+
+
+def test_hub_id_with_only_a_pickle_downloads_it_when_allowed(bert_dirs, tmp_path, fake_hub):
+  """Older hub repos hold only pytorch_model.bin: allow_pickle=True must fetch it."""
+  repo = tmp_path / 'repo'
+  repo.mkdir()
+  shutil.copy(os.path.join(bert_dirs['cls'], 'config.json'), repo)
+  torch.save(bert_dirs['torch_cls'].state_dict(), repo / 'pytorch_model.bin')
+  fetched = fake_hub(repo)
+  with pytest.raises(ptm_jax.CheckpointError):
+    ptm_jax.from_pretrained('someone/old-bert')
+  assert 'pytorch_model.bin' not in fetched  # not even downloaded without the opt-in
+  _, variables = ptm_jax.from_pretrained('someone/old-bert', allow_pickle=True)
+  _, reference = ptm_jax.from_pretrained(bert_dirs['cls'])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ptm_jax.adapt import config as adapt_config
 from ptm_jax.adapt import lora, nf4, rules
 from ptm_jax.models import bert, gpt2, layers, resnet, vit
 
@@ -247,3 +248,20 @@ def test_scanned_stack_stacks_the_branches():
   trained = _randomise_b(adapted)
   np.testing.assert_allclose(_apply(module, lora.merge(trained, spec), inputs),
                              _apply(module, trained, inputs, spec), atol=2e-5)
+
+
+def test_targets_that_match_no_layer_fail_clearly():
+  """A regex that adapts nothing (PEFT's module names, say) would train the head alone."""
+  module, inputs = TINY['bert'](), _inputs('bert')
+  spec = lora.LowRank(rank=2, targets=r'q_proj$')
+  with pytest.raises(ValueError, match=r"lora\.targets 'q_proj\$' matches no .*"
+                                       r"bert/layer_0/attention/query"):
+    _adapted(module, spec, inputs)
+
+
+def test_an_unknown_qlora_compute_dtype_fails_clearly():
+  with pytest.raises(ValueError, match=r"qlora\.compute_dtype must be one of .*'bf16'"):
+    lora.LowRank(method='qlora', compute_dtype='bf16')
+  # The trainer reads it through the config first (it becomes config.model.dtype).
+  with pytest.raises(ValueError, match=r"qlora\.compute_dtype must be one of .*'bf16'"):
+    adapt_config.merged_config({'method': 'qlora', 'qlora': {'compute_dtype': 'bf16'}})

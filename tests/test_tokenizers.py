@@ -333,3 +333,13 @@ def test_errors(tmp_path):
              {'added_tokens_decoder': {'3': {'content': '<|endoftext|>', 'special': True}}})
   with pytest.raises(ValueError, match=r"gives '<\|endoftext\|>' id 3 but the vocabulary gives"):
     ptm_jax.load_tokenizer(str(tmp_path / 't5'), kind='gpt2')
+
+
+def test_hub_id_fetches_sentence_transformers_max_length(tmp_path, fake_hub):
+  """sentence_bert_config.json's max_seq_length must come down with a hub id's tokenizer."""
+  repo = tmp_path / 'repo'
+  write_bert_folder(repo, lowercase=True)  # model_max_length 512
+  write_json(repo / 'sentence_bert_config.json', {'max_seq_length': 9, 'do_lower_case': False})
+  fake_hub(repo)
+  assert ptm_jax.load_tokenizer(str(repo)).truncation['max_length'] == 9
+  assert ptm_jax.load_tokenizer('someone/sentence-model').truncation['max_length'] == 9

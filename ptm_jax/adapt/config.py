@@ -22,6 +22,7 @@ import ml_collections
 METHODS = ('full', 'frozen', 'gradual_unfreeze', 'lora', 'dora', 'qlora', 'adapter', 'prefix',
            'prompt')
 LOW_RANK = ('lora', 'dora', 'qlora')
+QLORA_COMPUTE_DTYPES = ('bfloat16', 'float16', 'float32')
 
 # Module paths LoRA adapts by default: every attention projection and both MLP layers of the
 # shared transformer blocks (QLoRA's recipe: all linear layers but the LM head).
@@ -98,6 +99,9 @@ def merged_config(adapt_config) -> ml_collections.ConfigDict:
     raise ValueError(f'config.adapt.lora.rank must be >= 1, got {out.lora.rank}.')
   if not 0.0 <= out.lora.dropout < 1.0:
     raise ValueError(f'config.adapt.lora.dropout must be in [0, 1), got {out.lora.dropout}.')
+  if out.qlora.compute_dtype not in QLORA_COMPUTE_DTYPES:
+    raise ValueError(f'config.adapt.qlora.compute_dtype must be one of {QLORA_COMPUTE_DTYPES}, '
+                     f'got {out.qlora.compute_dtype!r}.')
   if out.layer_lr_decay <= 0 or out.gradual.factor <= 0:
     raise ValueError('config.adapt.layer_lr_decay and gradual.factor must be > 0.')
   if out.prompt.init not in ('vocab', 'uniform'):

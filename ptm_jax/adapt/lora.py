@@ -70,6 +70,9 @@ class LowRank:
                        f'{self.method!r}.')
     if self.rank < 1:
       raise ValueError(f'LoRA rank must be >= 1, got {self.rank}.')
+    if self.compute_dtype not in _DTYPES:
+      raise ValueError(f'config.adapt.qlora.compute_dtype must be one of {sorted(_DTYPES)}, got '
+                       f'{self.compute_dtype!r}.')
     re.compile(self.targets)
 
   @property
@@ -264,6 +267,13 @@ def prepare(params, spec: LowRank):
   kernel is replaced by its NF4 form (nf4_* leaves); float32 base weights stay float32.
   """
   flat = rules.flatten(params)
+  if not _modules(flat):
+    layers_found = sorted({p.rsplit('/', 1)[0] for p in flat
+                           if p.endswith(('/kernel', '/embedding'))})
+    raise ValueError(f'config.adapt.lora.targets {spec.targets!r} matches no Dense, Conv or Embed '
+                     f'module, so {spec.method} would train nothing but the head: fix the regex '
+                     f'(it searches module paths such as {layers_found[:4]}), and build the '
+                     'tree with module.init inside lora.applied.')
   for module in _modules(flat):
     if spec.method == 'dora':
       flat[f'{module}/dora_magnitude'] = jnp.linalg.norm(

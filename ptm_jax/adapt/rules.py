@@ -40,7 +40,9 @@ _METHOD_TRAINS = {
     'prompt': r'(^|/)prompt$',
 }
 _GROUP = re.compile(r'(?:^|/)(?:layer_|stage_)(\d+)(?:/|_block)')
-_EMBEDDING = re.compile(r'embed|wte|wpe|stem|cls_token|class_embedding|position|patch')
+# (CLIP vision's pre-LayerNorm normalises the embeddings, below every block: their group.)
+_EMBEDDING = re.compile(r'embed|wte|wpe|stem|cls_token|class_embedding|position|patch|'
+                        r'pre_laye?rnorm')
 
 
 def flatten(tree) -> dict[str, Any]:

@@ -29,6 +29,7 @@ Eval batches also carry valid (B,) int32: 0 on the padding that fills the last b
 import dataclasses
 import functools
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -46,6 +47,7 @@ IGNORE = -100
 # The fewest examples in one shuffled pass over an examples_per_class subset (see open_split).
 _MIN_SHUFFLED_PASS = 1024
 _LABEL_KEYS = ('label', 'labels', 'mlm_labels', 'next_sentence_label')
+_INTEGER = re.compile(r'\s*[+-]?\d+\s*')
 # Batch axis of every batch array: the data-parallel axes of ptm_jax.partitioning.MESH_AXES.
 BATCH_AXES = ('data', 'fsdp')
 # Feature names of well-known TFDS datasets: (image or text key, text pair key, label key).
@@ -168,14 +170,35 @@ def _open_raw(data: ml_collections.ConfigDict, split: str):
     columns = [key] + ([pair_key] if pair_key else []) + ([label_key] if label_key else [])
     src = sources.read_table(_path(data.table_file, split), columns)
     names = None
-    if label_key and src.arrays[label_key].dtype == object:
-      # String labels: ids are the sorted label names of this file. Give numbers for a stable
-      # mapping across files.
-      names = sorted(set(src.arrays[label_key]))
-      index = {n: i for i, n in enumerate(names)}
-      src.arrays[label_key] = np.array([index[n] for n in src.arrays[label_key]], np.int64)
+    labels = src.arrays[label_key] if label_key else None
+    if labels is not None and labels.dtype == object:
+      if all(isinstance(v, str) and _INTEGER.fullmatch(v) for v in labels):
+        # CSV cells are strings: integer labels are ids, not names ('10' sorts before '2').
+        src.arrays[label_key] = np.array([int(v) for v in labels], np.int64)
+      else:
+        names = _table_label_names(data, split, label_key, labels)
+        index = {n: i for i, n in enumerate(names)}
+        src.arrays[label_key] = np.array([index[n] for n in labels], np.int64)
     return src, len(names) if names else None, names
   raise ValueError(f'config.data.{kind} is a {data.task} source only through text tasks.')
+
+
+def _table_label_names(data, split: str, label_key: str, labels) -> list:
+  """The class names of string labels: the sorted label names of the training split's table, so
+  that an id means the same class in every split (a test file that lacks a class or holds only
+  some would otherwise number them differently); of this table when there is no other."""
+  names = sorted(set(labels))
+  train_path = _path(data.table_file, data.train_split)
+  if '{split}' not in data.table_file or split == data.train_split \
+      or not os.path.isfile(train_path):
+    return names
+  train_names = sorted(set(sources.read_table(train_path, [label_key]).arrays[label_key]))
+  unknown = sorted(set(names) - set(train_names))
+  if unknown:
+    raise DataError(f'{_path(data.table_file, split)}: label(s) {unknown[:20]} do not occur in '
+                    f'the training table {train_path}, whose labels {train_names[:20]} number '
+                    'the classes; fix the labels, or give numbers as labels.')
+  return train_names
 
 
 def _keys(data) -> tuple[str, str | None, str | None]:
@@ -231,9 +254,10 @@ def make_tokenizer(data: ml_collections.ConfigDict, checkpoint: str = ''):
     if not data.text_file:
       raise ValueError("config.data.tokenizer='char' builds its vocabulary from "
                        'config.data.text_file; set that, or use tokenizer=byte.')
-    path = _path(data.text_file, data.train_split)
-    corpus = ''.join(sources.read_text(path) if '{split}' in data.text_file
-                     else sources.read_text(data.text_file))
+    if '{split}' in data.text_file:
+      corpus = ''.join(sources.read_text(_path(data.text_file, data.train_split)))
+    else:  # The text corpus_split cuts: several documents are joined with blank lines.
+      corpus = '\n\n'.join(sources.read_text(data.text_file))
   return text.get_tokenizer(data.tokenizer, checkpoint=checkpoint or None, text=corpus)
 
 
@@ -242,6 +266,10 @@ def make_tokenizer(data: ml_collections.ConfigDict, checkpoint: str = ''):
 
 
 def _check_label(label, num_classes: int | None, where: str) -> np.int32:
+  if isinstance(label, (float, np.floating)) and not float(label).is_integer():
+    # int() would floor it: a regression target (glue/stsb's 0..5 similarity) is not a class.
+    raise DataError(f'{where}: label {label} is not a class id; classification needs integer '
+                    'labels (regression targets such as glue/stsb scores are not supported).')
   label = int(label)
   if num_classes is not None and not 0 <= label < num_classes:
     raise DataError(f'{where}: label {label} is outside [0, {num_classes}); set '
@@ -304,7 +332,9 @@ def _image_text_transform(data, info: DatasetInfo, family: str, train: bool, whe
     caption = captions[int(rng.integers(len(captions)))] if train else captions[0]
     image_value = example[key]
     if isinstance(image_value, (str, bytes)) and data.table_file:
-      image_value = os.path.join(os.path.dirname(data.table_file), text.as_text(image_value))
+      # Relative to this split's table: the folder part of the path may hold '{split}' too.
+      image_value = os.path.join(os.path.dirname(_path(data.table_file, info.split)),
+                                 text.as_text(image_value))
     out = _encode_text(info.tokenizer, caption, None, data.seq_len)
     del out['token_type_ids']
     out['image'] = preprocess(image_value, rng=rng, name=f'{where} example {index}')
@@ -330,7 +360,9 @@ def _random_access_lm(tokens: np.ndarray, seq_len: int, train: bool, seed: int,
 
   Train: each example starts at a uniformly random offset (nanoGPT's sampling), drawn from the
   example's own seeded rng, so the stream is still a function of (seed, index); an "epoch" is
-  len(tokens) // seq_len examples. Eval: consecutive non-overlapping windows, every token once.
+  len(tokens) // seq_len examples. Eval: consecutive non-overlapping windows, every token after
+  the first predicted once; the last window is cut short by the end of the text and padded (input
+  0, label -100).
   """
   n = len(tokens)
   if n < seq_len + 1:
@@ -341,9 +373,15 @@ def _random_access_lm(tokens: np.ndarray, seq_len: int, train: bool, seed: int,
       start = int(rng.integers(0, n - seq_len))
       return text.lm_example(tokens[start:start + seq_len + 1])
     return grain.MapDataset.range(n // seq_len).seed(seed).repeat().random_map(window)
-  count = (n - 1) // seq_len
-  return grain.MapDataset.range(count).map(
-      lambda i: text.lm_example(tokens[i * seq_len:i * seq_len + seq_len + 1]))
+  count = -(-(n - 1) // seq_len)
+
+  def eval_window(i):
+    # The last window holds at least 2 tokens: it starts before token n - 1.
+    out = text.lm_example(tokens[i * seq_len:i * seq_len + seq_len + 1])
+    pad = seq_len - len(out['labels'])
+    return {'input_ids': np.pad(out['input_ids'], (0, pad)),
+            'labels': np.pad(out['labels'], (0, pad), constant_values=IGNORE)}
+  return grain.MapDataset.range(count).map(eval_window)
 
 
 class _TokenizedDocuments(Sequence):
@@ -540,11 +578,19 @@ def _streamed_lm(src, key: str, tokenizer, seq_len: int, train: bool, seed: int,
     ids = np.asarray(tokenizer.encode(text.as_text(example[key])), np.int32)
     if eos is not None:
       ids = np.concatenate([ids, np.array([eos], np.int32)])
-    return {'tokens': ids}
+    return {'tokens': ids, 'real': np.ones(len(ids), np.int32)}
+
+  def lm_row(row):
+    # The packer zero-fills the last row of a finite stream (an eval pass): 'real' is 0 there,
+    # and those positions must not be scored as predictions of token id 0.
+    out = text.lm_example(row['tokens'])
+    out['labels'] = np.where(row['real'][1:] != 0, out['labels'], IGNORE).astype(np.int32)
+    return out
 
   packed = grain.experimental.ConcatThenSplitIterDataset(
-      ds.map(tokenize).to_iter_dataset(), length_struct={'tokens': seq_len + 1})
-  return packed.map(lambda row: text.lm_example(row['tokens']))
+      ds.map(tokenize).to_iter_dataset(),
+      length_struct={'tokens': seq_len + 1, 'real': seq_len + 1})
+  return packed.map(lm_row)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -602,6 +648,16 @@ def _padding_like(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return pad
 
 
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """A batch of n <= size rows -> size rows: padding rows (labels -100) after the n; adds
+  'valid' (size,) int32, 1 on the n real rows."""
+  n = len(next(iter(batch.values())))
+  pad = _padding_like({k: v[:1] for k, v in batch.items()})
+  out = {k: np.concatenate([v, np.repeat(pad[k], size - n, axis=0)]) for k, v in batch.items()}
+  out['valid'] = (np.arange(size) < n).astype(np.int32)
+  return out
+
+
 class Loader:
   """Global batches of one split, for this process, with a checkpointable position.
 
@@ -643,8 +699,13 @@ class Loader:
     else:
       # Eval on a streamed corpus is one pass over this host's share, until it runs out; bound
       # it with the trainer's eval_steps on several hosts, whose shares may differ by a batch.
-      batched = split_data.stream(self.process_index, self.process_count).batch(
-          self.local_batch_size, drop_remainder=True)
+      # Its last, partial batch is padded (valid=0, labels -100) rather than dropped.
+      stream = split_data.stream(self.process_index, self.process_count)
+      if train:
+        batched = stream.batch(self.local_batch_size, drop_remainder=True)
+      else:
+        batched = stream.batch(self.local_batch_size, drop_remainder=False).map(
+            functools.partial(_pad_batch, size=self.local_batch_size))
     self._dataset = batched
     self._iterator = iter(batched)
     self._sharding = batch_sharding(mesh) if mesh is not None else None

@@ -230,4 +230,10 @@ def read_table(path: str, columns: Sequence[str]) -> ArraySource:
     if missing:
       raise DataError(f'{path} row {n} lacks column(s) {missing} (it has {sorted(row)}); set '
                       'config.data.text_key / text_pair_key / label_key to the column names.')
+    # A CSV row with too few fields gives None for the rest (and JSON null is None): not the
+    # text 'None' or a class named None.
+    empty = [c for c in columns if row[c] is None]
+    if empty:
+      raise DataError(f'{path} row {n} has no value for column(s) {empty} (a CSV row with too '
+                      'few fields, or a JSON null); fill them in or drop the row.')
   return ArraySource({c: [row[c] for row in rows] for c in columns}, name=path)

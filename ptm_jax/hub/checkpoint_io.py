@@ -4,12 +4,13 @@ Readers give a key's shape without reading it, and one tensor at a time, so that
 holds a second full copy of the model in host memory:
   * safetensors: one file or a sharded `*.safetensors.index.json` (safe_open, memory-mapped);
   * torch pickles (.bin/.pt/.pth): refused unless the caller opts in, then
-    torch.load(weights_only=True, mmap=True);
+    torch.load(weights_only=True, mmap=True for zip-format files);
   * .npz (the google-research/vision_transformer checkpoints).
 """
 
 import json
 import os
+import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -76,7 +77,9 @@ class TorchPickleReader:
     import torch  # Optional: needed only for pickle checkpoints.
     self.path = path
     try:
-      state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+      # Files saved before torch 1.6 are not zip archives, which torch cannot memory-map.
+      state = torch.load(path, map_location='cpu', weights_only=True,
+                         mmap=zipfile.is_zipfile(path))
     except Exception as e:
       raise CheckpointError(f'Cannot read the torch checkpoint {path} ({e}).') from e
     if 'state_dict' in state and isinstance(state['state_dict'], dict):

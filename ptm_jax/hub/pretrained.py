@@ -31,7 +31,8 @@ _FAMILY_MODULES = {
 }
 _HUB_FILES = ['config.json', '*.safetensors', '*.safetensors.index.json', 'tokenizer.json',
               'tokenizer_config.json', 'vocab.txt', 'vocab.json', 'merges.txt',
-              'special_tokens_map.json', 'preprocessor_config.json']
+              'special_tokens_map.json', 'preprocessor_config.json',
+              'sentence_bert_config.json']  # its max_seq_length is the tokenizer's default
 
 
 def family_for_model_type(model_type: str) -> convert.Family:
@@ -50,8 +51,11 @@ def family_for_module(module: nn.Module) -> convert.Family:
 
 
 def resolve(path_or_hub_id: str, revision: str | None = None,
-            cache_dir: str | None = None) -> str:
-  """A local folder, or a hub id fetched with huggingface_hub (falling back to its cache)."""
+            cache_dir: str | None = None, allow_pickle: bool = False) -> str:
+  """A local folder, or a hub id fetched with huggingface_hub (falling back to its cache).
+
+  With allow_pickle, a repo without safetensors weights has its pytorch_model.bin fetched too.
+  """
   if os.path.exists(path_or_hub_id):
     return path_or_hub_id
   try:
@@ -59,19 +63,27 @@ def resolve(path_or_hub_id: str, revision: str | None = None,
   except ImportError:
     raise FileNotFoundError(f'{path_or_hub_id} is not a local path and huggingface_hub is not '
                             'installed to fetch it.') from None
-  try:
-    return huggingface_hub.snapshot_download(path_or_hub_id, revision=revision,
-                                             allow_patterns=_HUB_FILES, cache_dir=cache_dir)
-  except Exception as online_error:  # No network: the local cache may still hold it.
+
+  def fetch(patterns):
     try:
       return huggingface_hub.snapshot_download(path_or_hub_id, revision=revision,
-                                               allow_patterns=_HUB_FILES, cache_dir=cache_dir,
-                                               local_files_only=True)
-    except Exception:
-      raise FileNotFoundError(
-          f'{path_or_hub_id} is neither a local folder nor in the Hugging Face cache, and the '
-          f'hub could not be reached ({online_error}). Download it where there is network '
-          '(huggingface-cli download ID) and pass the folder.') from online_error
+                                               allow_patterns=patterns, cache_dir=cache_dir)
+    except Exception as online_error:  # No network: the local cache may still hold it.
+      try:
+        return huggingface_hub.snapshot_download(path_or_hub_id, revision=revision,
+                                                 allow_patterns=patterns, cache_dir=cache_dir,
+                                                 local_files_only=True)
+      except Exception:
+        raise FileNotFoundError(
+            f'{path_or_hub_id} is neither a local folder nor in the Hugging Face cache, and the '
+            f'hub could not be reached ({online_error}). Download it where there is network '
+            '(huggingface-cli download ID) and pass the folder.') from online_error
+
+  folder = fetch(_HUB_FILES)
+  if allow_pickle and not any(os.path.exists(os.path.join(folder, name)) for name in
+                              ('model.safetensors', 'model.safetensors.index.json')):
+    folder = fetch(_HUB_FILES + ['pytorch_model.bin'])
+  return folder
 
 
 def read_config(folder: str) -> dict:
@@ -247,7 +259,7 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
   Returns:
     (module, variables): variables is {'params': ..., ['batch_stats': ...]} of jax.Arrays.
   """
-  folder = resolve(path_or_hub_id, revision, cache_dir)
+  folder = resolve(path_or_hub_id, revision, cache_dir, allow_pickle)
   hf_config = read_config(folder)
   model_type = hf_config.get('model_type')
   if model_type is None:
@@ -263,6 +275,18 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
   module = family.make_module(config, head=head, dtype=dtype or jnp.float32,
                               param_dtype=param_dtype)
   reader = checkpoint_io.open_checkpoint(folder, allow_pickle=allow_pickle)
+  if hf_config.get('tie_word_embeddings') is False and family.tied_keys:
+    # Untied, the "duplicates" are weights of their own, which the (tied) model cannot hold.
+    tied = [re.compile(p) for p in family.tied_keys]
+    untied = sorted(k for k in reader.keys() if any(p.search(k) for p in tied))
+    if untied and not allow_unexpected_keys:
+      raise CheckpointError(
+          f'{folder}/config.json sets tie_word_embeddings=false and the checkpoint has its own '
+          f'{untied}, but ptm_jax\'s {family.name} ties them to the word embeddings, so its '
+          'outputs would differ. Pass allow_unexpected_keys=True to drop them (for the bare '
+          'model or a new head, which do not use them).')
+    if untied:
+      log.warning('Dropped the untied checkpoint keys %s (tie_word_embeddings=false).', untied)
   variables = load_variables(module, family, reader, head=head,
                              allow_unexpected_keys=allow_unexpected_keys,
                              init_missing_head=init_missing_head, rng=rng, shardings=shardings,
