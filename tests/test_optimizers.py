@@ -382,3 +382,35 @@ def test_state_shardings_follow_the_parameters_with_or_without_start_steps(name)
   assert mirrored >= (2 if name == 'adafactor' else 3)
   state = jax.jit(grouped.init, out_shardings=got)(params)  # the shardings fit the state
   assert state is not None
+
+
+def test_betas_and_nesterov_that_cannot_apply_are_config_errors():
+  # b1 = 1 divides Adam's bias correction by 1 - 1**t = 0 (NaN from the first step); torch.optim
+  # refuses betas outside [0, 1) too.
+  for key, value in (('b1', 1.0), ('b2', 1.0), ('b1', -0.1), ('b2', 1.5)):
+    with pytest.raises(ValueError, match=rf'config.optimizer.{key} must be in \[0, 1\)'):
+      opt.merged_config({key: value})
+  # Asked-for Nesterov momentum that the optimizer would silently not apply (torch's SGD raises).
+  with pytest.raises(ValueError, match='nesterov.*momentum'):
+    opt.make_optimizer({'name': 'sgd', 'momentum': 0.0, 'nesterov': True}, 10)
+  for name in ('lamb', 'adafactor'):
+    with pytest.raises(ValueError, match=f'nesterov.*{name}'):
+      opt.make_optimizer({'name': name, 'nesterov': True}, 10)
+  for name in ('sgd', 'adam', 'adamw'):
+    opt.make_optimizer({'name': name, 'nesterov': True}, 10)
+
+
+def test_peak_flops_tell_device_variants_apart():
+  """MFU's denominator (ptm_jax.train.hardware; kept here with the other training tests): jax's
+  device_kind is 'TPU v5' for a v5p and 'TPU v5 lite' for a v5e, and 'L4' is a substring of the
+  L40 and L40S, which a substring lookup must not read as an L4."""
+  from ptm_jax.train import hardware
+  device = lambda kind: type('Device', (), {'device_kind': kind})()
+  for kind, peak in (('TPU v5', 459e12), ('TPU v5p', 459e12), ('TPU v5 lite', 197e12),
+                     ('TPU v5e', 197e12), ('TPU v6 lite', 918e12), ('TPU v4', 275e12),
+                     ('NVIDIA L4', 121e12), ('NVIDIA L40S', 362.05e12),
+                     ('NVIDIA L40', 181.05e12), ('NVIDIA H100 80GB HBM3', 989e12),
+                     ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                     ('NVIDIA H200', 989e12), ('NVIDIA H200 NVL', 835e12),
+                     ('NVIDIA A100-SXM4-80GB', 312e12)):
+    assert hardware.peak_flops(device(kind)) == peak, kind

@@ -9,16 +9,25 @@ counted. Attention is counted in full (T x T), with no discount for causal masks
 
 import jax
 
-# Dense (not sparse) bf16 peak FLOP/s per device, by a substring of jax's device_kind. Sources:
-# NVIDIA's H100/H200/A100 data sheets, Google Cloud's TPU pages.
+# Dense (not sparse) bf16 peak FLOP/s per device, by a substring of jax's device_kind; the first
+# match wins, so a variant comes before the name it contains (the PCIe and NVL cards before the
+# SXM's 'H100'/'H200', 'L40S' and 'L40' before 'L4', v5e's 'TPU v5 lite' before 'TPU v5', which
+# is the v5p's device_kind). Sources: NVIDIA's H100/H200/A100/L4/L40(S) data sheets, Google
+# Cloud's TPU pages.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ('H200 NVL', 835e12),
     ('H200', 989e12),
+    ('H100 PCIe', 756e12),
+    ('H100 NVL', 835e12),
     ('H100', 989e12),
     ('A100', 312e12),
+    ('L40S', 362.05e12),
+    ('L40', 181.05e12),
     ('L4', 121e12),
     ('TPU v6', 918e12),
-    ('TPU v5p', 459e12),
-    ('TPU v5', 197e12),  # v5 lite (v5e)
+    ('TPU v5 lite', 197e12),  # v5e
+    ('TPU v5e', 197e12),
+    ('TPU v5', 459e12),  # v5p: jax's device_kind is 'TPU v5'
     ('TPU v4', 275e12),
 )
 

@@ -46,7 +46,8 @@ decays:
   adam, sgd               L2: weight_decay * param is added to the gradient (torch.optim.Adam's
                           and SGD's weight_decay).
 
-nesterov turns on Nesterov momentum for sgd and NAdam(W) for adam and adamw. adafactor takes
+nesterov turns on Nesterov momentum for sgd (momentum > 0) and NAdam(W) for adam and adamw (with
+any other optimizer it is an error). b1 and b2 are in [0, 1). adafactor takes
 optax's defaults (factored second moments, update clipping at 1, parameter-scaled steps, no
 momentum) and ignores b1, b2 and eps. grad_clip_norm > 0 clips the (accumulated) gradient to that
 global norm before anything else.
@@ -122,6 +123,15 @@ def merged_config(optimizer_config: ConfigLike) -> ml_collections.ConfigDict:
               'weight_decay', 'momentum', 'grad_clip_norm'):
     if out[key] < 0:
       raise ValueError(f'config.optimizer.{key} must be >= 0, got {out[key]}.')
+  for key in ('b1', 'b2'):
+    if not 0.0 <= out[key] < 1.0:
+      raise ValueError(f'config.optimizer.{key} must be in [0, 1), got {out[key]} (at 1 the '
+                       "moment never forgets and Adam's bias correction divides by 0).")
+  if out.nesterov and (out.name in ('lamb', 'adafactor') or
+                       (out.name == 'sgd' and not out.momentum)):
+    what = 'sgd without momentum' if out.name == 'sgd' else f'{out.name} (no Nesterov form)'
+    raise ValueError(f'config.optimizer.nesterov is True but {what} would silently ignore it: '
+                     'set nesterov=False, or use sgd with momentum > 0, adam or adamw (NAdam).')
   if out.min_learning_rate > out.learning_rate:
     raise ValueError(f'config.optimizer.min_learning_rate ({out.min_learning_rate}) is above the '
                      f'peak learning_rate ({out.learning_rate}).')
