@@ -43,6 +43,7 @@ import json
 import os
 import sys
 import platform
+import shlex
 import statistics
 import tempfile
 import time
@@ -122,9 +123,11 @@ flags.DEFINE_enum('model', 'gpt2', MODELS, 'Model family.')
 flags.DEFINE_string('size', None, 'Size within the family (default: gpt2 small, bert base, vit '
                     'b16, resnet 50, clip b32); see SIZES.')
 flags.DEFINE_enum('mode', 'train', ('train', 'infer'), 'Full AdamW step, or forward only.')
-flags.DEFINE_integer('batch_size', None, 'Examples per step (default: the family\'s).')
-flags.DEFINE_integer('seq_len', None, 'Tokens per text (gpt2, bert, clip).')
-flags.DEFINE_integer('image_size', None, 'Image height = width (vit, resnet, clip).')
+flags.DEFINE_integer('batch_size', None, 'Examples per step (default: the family\'s).',
+                     lower_bound=1)
+flags.DEFINE_integer('seq_len', None, 'Tokens per text (gpt2, bert, clip).', lower_bound=1)
+flags.DEFINE_integer('image_size', None, 'Image height = width (vit, resnet, clip).',
+                     lower_bound=1)
 flags.DEFINE_enum('peer', 'none', ('none', 'torch'), 'Also time the transformers model.')
 flags.DEFINE_enum('dtype', 'float32', tuple(DTYPES), 'Compute dtype; bfloat16 is mixed '
                   'precision (float32 parameters; torch: autocast).')
@@ -135,7 +138,8 @@ flags.DEFINE_enum('attention', 'auto', tuple(ATTENTION), 'Our attention implemen
 # found the heap it needs; MAX_WARMUP bounds the warm-up steps where it never settles.
 SETTLED_FAULTS = 1000
 MAX_WARMUP = 12
-flags.DEFINE_integer('steps', 5, 'Timed rounds (one step of each side per round).')
+flags.DEFINE_integer('steps', 5, 'Timed rounds (one step of each side per round).',
+                     lower_bound=1)
 flags.DEFINE_integer('warmup', 2, 'Untimed steps of each side before the rounds, at least; '
                      f'more (up to {MAX_WARMUP}) while a warm-up round still page-faults.')
 # seed and dry_run share their names (and meaning) with flags of experiments/train.py and
@@ -379,6 +383,9 @@ def torch_batch(family: str, batch: dict, device: str) -> dict:
         np.ascontiguousarray(batch['pixel_values'].transpose(0, 3, 1, 2)))
   if family == 'gpt2':
     out['labels'] = out['input_ids']  # transformers shifts the labels itself
+    # No key/value cache (config.use_cache is True): ours builds none, and filling it copies
+    # every layer's keys and values.
+    out['use_cache'] = False
   elif family in ('bert', 'vit', 'resnet'):
     out['labels'] = torch.from_numpy(batch['label'].astype(np.int64))
   else:
@@ -521,16 +528,17 @@ def _run(opts: Options) -> dict:
     compile_s = time.perf_counter() - start
     peer_variables = looped_variables
 
-  # Model FLOPs from the 'xla' attention's forward: a fused kernel is a custom call that XLA's
-  # cost analysis counts as zero FLOPs.
-  xla_module = module if family == 'resnet' else module.clone(attention_impl='xla')
+  # Model FLOPs from the looped module with the 'xla' attention (init_module): a fused kernel is a
+  # custom call that XLA's cost analysis counts as zero FLOPs, and a scanned stack's loop body
+  # once, not once per layer.
+  looped_extra = {k: v for k, v in looped_variables.items() if k != 'params'}
   if opts.mode == 'train':
-    forward_flops = hardware.flops_of(
-        jax.jit(make_loss_fn(xla_module, family)).lower(params, extra, batch))
+    forward_flops = hardware.flops_of(jax.jit(make_loss_fn(init_module, family)).lower(
+        looped_variables['params'], looped_extra, batch))
     model_flops = 3 * forward_flops if forward_flops else None
   else:
-    model_flops = hardware.flops_of(jax.jit(make_infer_fn(xla_module, family)).lower(
-        variables, batch))
+    model_flops = hardware.flops_of(jax.jit(make_infer_fn(init_module, family)).lower(
+        looped_variables, batch))
 
   if family in ('gpt2', 'bert'):
     items, unit = batch_size * seq_len, 'tokens/s'
@@ -738,9 +746,9 @@ def command_line(opts: Options, json_out: str | None, malloc: str = 'retain') ->
   for field in dataclasses.fields(Options):
     value = getattr(opts, field.name)
     if field.name not in ('model', 'mode') and value != field.default:
-      words.append(f'--{field.name}={value}')
+      words.append(shlex.quote(f'--{field.name}={value}'))
   if json_out:
-    words.append(f'--json_out={json_out}')
+    words.append(shlex.quote(f'--json_out={json_out}'))
   if malloc != 'retain':
     words.append(f'--malloc={malloc}')
   return ' '.join(words)

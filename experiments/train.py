@@ -206,6 +206,23 @@ def param_bytes_per_device(tree) -> int:
 # Steps.
 
 
+def _forward_flops(module, family: str, config, tx, jit_eval, state, constants, batch):
+  """XLA's FLOP count of the eval step's forward pass over one global batch, or None.
+
+  XLA's cost analysis counts a loop's body once, not once per trip, so a scanned stack is
+  counted on its looped twin (the same maths) with the parameters' shapes unstacked.
+  """
+  if family == 'resnet' or not module.layer_stack.scan:
+    return hardware.flops_of(jit_eval.lower(state, constants, batch))
+  looped = make_steps(module.clone(layer_stack=dataclasses.replace(module.layer_stack,
+                                                                   scan=False)),
+                      family, config, tx)
+  unstacked = jax.eval_shape(lambda *trees: [layers.unstack_layers(t) for t in trees],
+                             state, constants)
+  return hardware.flops_of(jax.jit(lambda s, c, b: looped.eval(dict(s, rng=None), c, b)).lower(
+      *unstacked, batch))
+
+
 class Steps(NamedTuple):
   train: Callable      # (state, constants, batch) -> (state, metrics)
   eval: Callable       # (state, constants, batch) -> metrics
@@ -588,7 +605,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   compile_s = time.time() - t0
   train_step_fn = lambda state, batch: compiled(state, constants, batch)
   # MFU's numerator (ptm_jax.train.hardware): 3 x the forward FLOPs of one global batch.
-  forward_flops = hardware.flops_of(jit_eval.lower(state, constants, first_batch))
+  forward_flops = _forward_flops(module, family, config, tx, jit_eval, state, constants,
+                                 first_batch)
   model_flops = 3 * forward_flops if forward_flops else None
   memory = compiled.memory_analysis()
   step_bytes = None

@@ -143,3 +143,60 @@ def test_the_command_line_runs_under_the_retaining_malloc(tmp_path):
   with pytest.raises(subprocess.CalledProcessError) as failure:
     cli(extra_env={'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
   assert 'GLIBC_TUNABLES is set' in failure.value.stderr.decode()
+
+
+def test_model_flops_do_not_depend_on_scan_layers():
+  """--scan_layers is the same maths: XLA's cost analysis counts a scanned stack's body once, so
+  the model FLOPs (and MFU) come from the looped module."""
+  flops = {}
+  for mode in ('train', 'infer'):
+    for scan in (False, True):
+      record = benchmark.run(benchmark.Options(model='gpt2', size='tiny', mode=mode,
+                                               batch_size=2, seq_len=16, scan_layers=scan,
+                                               dry_run=True))
+      flops[(mode, scan)] = record['model_flops_per_step']
+    assert flops[(mode, True)] == pytest.approx(flops[(mode, False)], rel=1e-3), mode
+
+
+@pytest.mark.parametrize('mode', ['train', 'infer'])
+def test_gpt2_peer_builds_no_key_value_cache(mode):
+  """Ours keeps no key/value cache; transformers' GPT-2 fills one (config.use_cache) unless told
+  not to, copying every layer's keys and values."""
+  import jax
+  import flax.linen as nn
+  import transformers
+  cfg = benchmark.model_config('gpt2', 'tiny', 16, None)
+  module = benchmark.build_module('gpt2', cfg, jax.numpy.float32, 'xla')
+  batch = benchmark.make_batch('gpt2', cfg, 2, 16, None, 0)
+  variables = jax.device_get(nn.unbox(module.init(jax.random.key(0),
+                                                  input_ids=batch['input_ids'])))
+  model, _ = benchmark.build_peer(module, variables, 'cpu')
+  outputs = []
+  model.register_forward_hook(lambda _, args, out: outputs.append(out))
+  peer = benchmark.TorchPeer(model, 'gpt2', mode, benchmark.torch_batch('gpt2', batch, 'cpu'),
+                             'float32', 'cpu')
+  peer()
+  [out] = outputs
+  assert out.logits.shape == (2, 16, cfg.vocab_size)
+  assert not [k for k, v in out.items() if isinstance(v, transformers.Cache)]
+
+
+@pytest.mark.parametrize('flag', ['--batch_size=0', '--seq_len=0', '--image_size=0',
+                                  '--batch_size=-2', '--steps=0'])
+def test_bad_shape_and_step_flags_are_refused(flag):
+  # 0 used to fall back to the family's default shape (and --steps=0 timed nothing), silently.
+  from absl import flags
+  with flagsaver.flagsaver():
+    with pytest.raises(flags.IllegalFlagValueError, match=flag.split('=')[0][2:]):
+      benchmark.FLAGS(['benchmark', '--model=gpt2', flag])
+
+
+def test_the_command_line_quotes_its_values():
+  # --xla_flags holds several XLA flags, space-separated: unquoted, the shell splits them into
+  # arguments of the benchmark's own.
+  import shlex
+  opts = benchmark.Options(model='vit', xla_flags='--xla_a=1 --xla_b=2', profile_dir='/tmp/my dir')
+  words = shlex.split(benchmark.command_line(opts, '/tmp/out dir/r.json'))
+  assert words[:3] == ['python', '-m', 'experiments.benchmark']
+  assert '--xla_flags=--xla_a=1 --xla_b=2' in words
+  assert '--profile_dir=/tmp/my dir' in words and words[-1] == '--json_out=/tmp/out dir/r.json'
