@@ -14,8 +14,11 @@ The recipe (nanoGPT's config/train_gpt2.py over its train.py defaults): 491,520 
 (nanoGPT: 12 sequences x 40 accumulated micro-batches over 8 GPUs; here batch 480 x 1024 as 5
 micro-batches of 96, i.e. 12 per GPU on 8), 600k steps, AdamW (0.9, 0.95) with weight decay 0.1 on the kernels and embeddings,
 learning rate 6e-4 after 2000 warm-up steps then a cosine to 6e-5 at the last step, gradient
-clipping at 1, no dropout, bfloat16 compute (float32 parameters). The vocabulary stays at 50,257
-(nanoGPT pads it to 50,304 for speed).
+clipping at 1, no dropout, bfloat16 compute (float32 parameters). The model is GPT-2's own, with
+its biases and the tanh GELU, so that the result saves as a transformers GPT2LMHeadModel; nanoGPT
+trains without biases (train.py's bias=False) and with the exact GELU (model.py's nn.GELU()), which
+`c.model.use_bias = False` and `c.model.hidden_act = 'gelu'` give (as gpt_shakespeare_char.py
+sets them). The vocabulary stays at 50,257 (nanoGPT pads it to 50,304 for speed).
 Expected result: not measured (no run at this scale here). nanoGPT reaches validation loss about
 2.85 on OpenWebText with this recipe in about 4 days on 8 A100 40GB GPUs; C4 is another web
 corpus, so its loss is not the same number. Memory: check yours with --dry_run (it compiles the

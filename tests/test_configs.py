@@ -14,6 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import train
+from ptm_jax.train import optimizers
+from ptm_jax.train.config import finalize
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -41,6 +43,65 @@ def test_the_recipes_are_all_here():
   assert {'digits', 'resnet_finetune', 'vit_finetune', 'bert_finetune', 'gpt2_finetune',
           'clip_pretrain', 'gpt_shakespeare_char', 'resnet50_imagenet', 'vit_b16_imagenet',
           'bert_base_pretrain', 'gpt2_pretrain'} <= set(CONFIGS)
+
+
+def recipe(name, arg=''):
+  return load_config_module(os.path.join(ROOT, 'configs', f'{name}.py')).get_config(arg)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('arg', ['', 'runlocal'])
+def test_config_builds_its_optimizer_and_schedule(name, arg):
+  """Both forms pass the trainer's key check and the optimizer's checks (no training)."""
+  config = finalize(recipe(name, arg))
+  schedule = optimizers.make_schedule(config.optimizer, config.total_steps)
+  assert optimizers.learning_rate_at(schedule, config.total_steps - 1) >= 0
+
+
+def test_resnet50_imagenet_is_goyal_et_al_recipe():
+  """Goyal et al. 2017, section 5.1: Nesterov momentum 0.9, lr 0.1 * batch / 256 after a 5-epoch
+  gradual warm-up, weight decay 1e-4 not on the BatchNorm parameters, 90 epochs."""
+  config = recipe('resnet50_imagenet')
+  opt = config.optimizer
+  steps_per_epoch = 1_281_167 / config.batch_size
+  assert (opt.name, opt.momentum, opt.nesterov) == ('sgd', 0.9, True)
+  assert opt.learning_rate == pytest.approx(0.1 * config.batch_size / 256)
+  assert opt.weight_decay == 1e-4 and opt.weight_decay_mask == ''   # kernels only, not BN's 1-D
+  assert config.total_steps == math.ceil(90 * steps_per_epoch)
+  assert opt.warmup_steps == math.ceil(5 * steps_per_epoch)
+  schedule = optimizers.make_schedule(opt, config.total_steps)
+  assert optimizers.learning_rate_at(schedule, opt.warmup_steps) == pytest.approx(
+      opt.learning_rate)
+  optimizers.make_optimizer(opt, config.total_steps)  # nesterov is valid for sgd + momentum
+
+
+def test_gpt2_pretrain_is_nanogpt_train_gpt2():
+  """nanoGPT's config/train_gpt2.py over train.py's defaults: 12 x 1024 x 40 tokens per step,
+  600k steps, lr 6e-4 with 2000 warm-up steps and a cosine to 6e-5 at 600k, AdamW (0.9, 0.95),
+  wd 0.1, clip 1, no dropout; the model stays GPT-2's (the docstring says how to get nanoGPT's)."""
+  config = recipe('gpt2_pretrain')
+  opt = config.optimizer
+  assert config.batch_size * config.data.seq_len == 12 * 1024 * 40
+  assert config.total_steps == 600_000 and opt.decay_steps in (0, 600_000)
+  assert (opt.name, opt.b1, opt.b2, opt.weight_decay, opt.grad_clip_norm) == (
+      'adamw', 0.9, 0.95, 0.1, 1.0)
+  assert (config.model.dropout, config.model.embedding_dropout,
+          config.model.attention_dropout) == (0.0, 0.0, 0.0)
+  # GPT-2's own model (biases, tanh GELU), so that the result saves as a GPT2LMHeadModel.
+  assert 'use_bias' not in config.model and 'hidden_act' not in config.model
+
+  def get_lr(it):  # nanoGPT's train.py
+    learning_rate, warmup_iters, lr_decay_iters, min_lr = 6e-4, 2000, 600_000, 6e-5
+    if it < warmup_iters:
+      return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+      return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
+
+  schedule = optimizers.make_schedule(opt, config.total_steps)
+  for it in (0, 1, 1999, 2000, 2001, 300_000, 599_999):
+    assert optimizers.learning_rate_at(schedule, it) == pytest.approx(get_lr(it), rel=1e-12)
 
 
 @pytest.mark.parametrize('name', CONFIGS)
