@@ -709,7 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         tracing = False
-      if step % config.log_every == 0 or done:
+      if (config.log_every and step % config.log_every == 0) or done:
         train_metrics = _scalars(metrics)
         if not math.isfinite(train_metrics['loss']):
           raise _not_finite(f'Loss is {train_metrics["loss"]} at step {step}', checkpointer,

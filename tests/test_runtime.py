@@ -7,8 +7,9 @@ import sys
 
 import jax
 import ml_collections
+import pytest
 
-from ptm_jax.train import runtime
+from ptm_jax.train import distributed, runtime
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -120,3 +121,12 @@ def test_single_core_kernels_get_a_compilation_cache_of_their_own(tmp_path):
   assert runtime._cache_dir(settings) == str(tmp_path)
   settings.single_core_kernels = True
   assert runtime._cache_dir(settings) == str(tmp_path / 'single_core_kernels')
+
+
+def test_process_flags_without_a_coordinator_are_refused():
+  # Ignored, every process of a meant-to-be multi-process run trained alone as process 0, all
+  # writing the same workdir.
+  for num_processes, process_id in ((2, 1), (2, None), (None, 0)):
+    with pytest.raises(ValueError, match='--coordinator_address .* or --distributed'):
+      distributed.initialize('', num_processes, process_id)
+  assert distributed.initialize() is False  # a single-process run

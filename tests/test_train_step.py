@@ -289,3 +289,27 @@ def test_seconds_per_step_leaves_out_only_the_first_log_interval(tmp_path):
   assert len(rates) == 5  # log_every=1
   np.testing.assert_allclose(summary['seconds_per_step'], np.mean([1 / r for r in rates[1:]]),
                              rtol=1e-3)
+
+
+def test_log_every_0_logs_only_the_last_step(tmp_path):
+  # As eval_every=0 and checkpoint_every=0 mean "only at the end" (it divided by zero).
+  summary = train.train_and_evaluate(_digits_config(**{'log_every': 0}), str(tmp_path))
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['step'], r['split']) for r in records] == [(3, 'train'), (3, 'eval')]
+  assert summary['train']['loss'] == records[0]['loss'] and summary['seconds_per_step'] > 0
+
+
+def test_a_run_resumes_onto_another_mesh(tmp_path):
+  # The checkpoint restores onto any mesh, so config.mesh may change between a run and its
+  # resumption (the workdir guard refused it as another config's run).
+  reference = train.train_and_evaluate(_digits_config(**{'total_steps': 5}),
+                                       str(tmp_path / 'ref'))
+  train.train_and_evaluate(_digits_config(), str(tmp_path / 'run'))  # data=8, 3 steps
+  resumed = train.train_and_evaluate(
+      _digits_config(**{'total_steps': 5, 'mesh.data': 2, 'mesh.fsdp': 4}), str(tmp_path / 'run'))
+  assert resumed['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert [r['step'] for r in map(json.loads, open(tmp_path / 'run' / 'metrics.jsonl'))
+          if r['split'] == 'train'] == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose(_train_losses(tmp_path / 'run'), _train_losses(tmp_path / 'ref'),
+                             rtol=1e-5)
+  np.testing.assert_allclose(resumed['eval']['loss'], reference['eval']['loss'], rtol=1e-5)

@@ -14,9 +14,10 @@ from ptm_jax.train import optimizers
 from ptm_jax.train import runtime
 
 
-# Config keys that may change between a run and its resumption (the rest must match).
+# Config keys that may change between a run and its resumption (the rest must match). 'mesh':
+# the checkpoint restores onto any mesh.
 RESUMABLE_KEYS = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_steps',
-                  'keep_checkpoints', 'profile', 'eval_batch_size', 'runtime')
+                  'keep_checkpoints', 'profile', 'eval_batch_size', 'runtime', 'mesh')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 32                 # global, over all hosts and devices
-  c.log_every = 50
+  c.log_every = 50                  # 0: log only the last step
   c.eval_every = 500                # 0: evaluate only at the end
   c.eval_steps = 0                  # 0: the whole eval split
   c.eval_batch_size = 0             # global; 0: batch_size

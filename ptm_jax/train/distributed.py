@@ -22,6 +22,10 @@ def initialize(coordinator_address: str = '', num_processes: int | None = None,
     auto: let JAX detect the cluster (TPU pod, SLURM, Open MPI).
   """
   if not coordinator_address and not auto:
+    if num_processes is not None or process_id is not None:
+      raise ValueError('--num_processes and --process_id need --coordinator_address (host:port '
+                       'of process 0) or --distributed; without either, each process would '
+                       'train alone as process 0, writing the same workdir.')
     return False
   if coordinator_address and (num_processes is None or process_id is None):
     raise ValueError('A multi-process run with --coordinator_address also needs '
