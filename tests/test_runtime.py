@@ -126,7 +126,8 @@ def test_single_core_kernels_get_a_compilation_cache_of_their_own(tmp_path):
 def test_process_flags_without_a_coordinator_are_refused():
   # Ignored, every process of a meant-to-be multi-process run trained alone as process 0, all
   # writing the same workdir.
-  for num_processes, process_id in ((2, 1), (2, None), (None, 0)):
+  for num_processes, process_id in ((2, 1), (2, None), (None, 1)):
     with pytest.raises(ValueError, match='--coordinator_address .* or --distributed'):
       distributed.initialize('', num_processes, process_id)
   assert distributed.initialize() is False  # a single-process run
+  assert distributed.initialize('', 1, 0) is False  # said explicitly

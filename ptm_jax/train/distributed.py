@@ -22,7 +22,7 @@ def initialize(coordinator_address: str = '', num_processes: int | None = None,
     auto: let JAX detect the cluster (TPU pod, SLURM, Open MPI).
   """
   if not coordinator_address and not auto:
-    if num_processes is not None or process_id is not None:
+    if (num_processes or 1) > 1 or (process_id or 0) > 0:
       raise ValueError('--num_processes and --process_id need --coordinator_address (host:port '
                        'of process 0) or --distributed; without either, each process would '
                        'train alone as process 0, writing the same workdir.')
