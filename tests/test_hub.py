@@ -1,5 +1,7 @@
 """The generic loader: bad input gets a clear error, sharded files, placement, pickles, heads."""
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import transformers
 import ptm_jax
 from ptm_jax import partitioning
 from ptm_jax.hub import checkpoint_io
+from ptm_jax.models import bert
 from tests import parity
 
 
@@ -291,3 +294,156 @@ def test_hub_id_with_only_a_pickle_downloads_it_when_allowed(bert_dirs, tmp_path
   _, variables = ptm_jax.from_pretrained('someone/old-bert', allow_pickle=True)
   _, reference = ptm_jax.from_pretrained(bert_dirs['cls'])
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference))
+
+
+# Each family with a classification head: (transformers class, its config, inputs (NCHW for
+# images; ours get NHWC)).
+_NAMED = {'negative': 0, 'neutral': 1, 'positive': 2}
+_BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+             intermediate_size=24, max_position_embeddings=20)
+_HEADS = {
+    'bert_sequence': (transformers.BertForSequenceClassification,
+                      lambda **kw: transformers.BertConfig(**_BERT, **kw), 'text'),
+    'bert_token': (transformers.BertForTokenClassification,
+                   lambda **kw: transformers.BertConfig(**_BERT, **kw), 'text'),
+    'vit': (transformers.ViTForImageClassification,
+            lambda **kw: transformers.ViTConfig(
+                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                image_size=16, patch_size=8, **kw), 'image'),
+    'resnet': (transformers.ResNetForImageClassification,
+               lambda **kw: transformers.ResNetConfig(
+                   embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type='basic',
+                   **kw), 'image'),
+}
+
+
+def _logits(model, kind, module=None, variables=None):
+  """transformers' logits, or ours (module, variables) on the same inputs."""
+  rng = np.random.default_rng(0)
+  if kind == 'text':
+    ids, mask = parity.token_batch(50, batch=2, length=7)
+    if module is not None:
+      return np.asarray(module.apply(variables, input_ids=ids.astype(np.int32),
+                                     attention_mask=mask.astype(np.int32)).logits)
+    with torch.no_grad():
+      return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+  if module is not None:
+    return np.asarray(module.apply(variables, pixel_values=pixels.transpose(0, 2, 3, 1)).logits)
+  with torch.no_grad():
+    return model(pixel_values=torch.tensor(pixels)).logits.numpy()
+
+
+@pytest.mark.parametrize('problem_type', ['single_label_classification',
+                                          'multi_label_classification'])
+@pytest.mark.parametrize('name', list(_HEADS))
+def test_class_names_and_problem_type_survive_roundtrip(name, problem_type, tmp_path):
+  """transformers -> from_pretrained -> save_pretrained -> transformers keeps the classes."""
+  cls, make_config, kind = _HEADS[name]
+  config = make_config(id2label={i: n for n, i in _NAMED.items()}, label2id=_NAMED,
+                       problem_type=problem_type)
+  torch.manual_seed(0)
+  reference = parity.perturb(cls(config).eval())
+  reference.save_pretrained(tmp_path / 'hf')
+  module, variables = ptm_jax.from_pretrained(str(tmp_path / 'hf'))
+  ptm_jax.save_pretrained(module, variables, str(tmp_path / 'ours'))
+
+  again = cls.from_pretrained(tmp_path / 'ours').eval()
+  assert again.config.id2label == {0: 'negative', 1: 'neutral', 2: 'positive'}
+  assert again.config.label2id == _NAMED
+  assert again.config.problem_type == problem_type
+  assert module.config.id2label == ('negative', 'neutral', 'positive')
+  assert module.config.label2id is None  # the inverse of id2label
+  expected = _logits(reference, kind)
+  np.testing.assert_array_equal(_logits(again, kind), expected)
+  np.testing.assert_allclose(_logits(None, kind, module, variables), expected, atol=1e-4)
+
+
+def test_label2id_that_is_not_the_inverse_is_kept(tmp_path):
+  """Some hub configs pair real id2label names with another label2id: both are written back."""
+  old = {f'LABEL_{i}': i for i in range(3)}
+  config = _HEADS['bert_sequence'][1](id2label={i: n for n, i in _NAMED.items()}, label2id=old)
+  torch.manual_seed(0)
+  transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / 'hf')
+  module, variables = ptm_jax.from_pretrained(str(tmp_path / 'hf'))
+  ptm_jax.save_pretrained(module, variables, str(tmp_path / 'ours'))
+  again = transformers.AutoConfig.from_pretrained(tmp_path / 'ours')
+  assert again.id2label == {0: 'negative', 1: 'neutral', 2: 'positive'}
+  assert again.label2id == old
+  assert module.config.label2id == tuple(old.items())
+  assert again.problem_type is None
+
+
+def test_new_head_class_names(tmp_path):
+  """A head on a base checkpoint: num_labels overridden gives LABEL_i, or the names given with
+  it (config_overrides id2label); names that do not fit num_labels fail, naming the fix."""
+  config = _HEADS['bert_sequence'][1](id2label={i: n for n, i in _NAMED.items()},
+                                      label2id=_NAMED, problem_type='multi_label_classification')
+  torch.manual_seed(0)
+  transformers.BertModel(config).save_pretrained(tmp_path / 'hf')  # its config names 3 classes
+  hf = str(tmp_path / 'hf')
+
+  def saved(**overrides):
+    module, variables = ptm_jax.from_pretrained(hf, head='sequence_classification',
+                                                config_overrides=overrides)
+    out = str(tmp_path / f'out{len(os.listdir(tmp_path))}')
+    ptm_jax.save_pretrained(module, variables, out)
+    return transformers.AutoConfig.from_pretrained(out)
+
+  plain = saved(num_labels=2)
+  assert plain.id2label == {0: 'LABEL_0', 1: 'LABEL_1'}
+  assert plain.label2id == {'LABEL_0': 0, 'LABEL_1': 1}
+  assert plain.problem_type == 'multi_label_classification'  # kept, as transformers does
+  named = saved(num_labels=2, id2label={0: 'ham', 1: 'spam'}, problem_type=None)
+  assert named.id2label == {0: 'ham', 1: 'spam'} and named.label2id == {'ham': 0, 'spam': 1}
+  assert named.problem_type is None
+  assert saved(id2label=['bad', 'ok', 'good']).id2label == {0: 'bad', 1: 'ok', 2: 'good'}
+  with pytest.raises(ValueError, match=r'id2label names 2 classes but num_labels is 3: .*'
+                     r'or set num_labels=2'):
+    saved(num_labels=3, id2label={0: 'ham', 1: 'spam'})
+  with pytest.raises(ValueError, match=r'id2label keys must be the class ids 0\.\.1'):
+    saved(num_labels=2, id2label={1: 'ham', 2: 'spam'})
+  with pytest.raises(ValueError, match=r'Unknown problem_type'):
+    saved(problem_type='ranking')
+
+
+def test_class_names_change_no_program_and_no_parameter():
+  """Names and problem_type are metadata: same hash, one trace, the same parameter tree."""
+  plain = bert.Bert(bert.PRESETS['bert-tiny'], head='sequence_classification')
+  named = bert.Bert(dataclasses.replace(bert.PRESETS['bert-tiny'], id2label=('no', 'yes'),
+                                        problem_type='single_label_classification'),
+                    head='sequence_classification')
+  assert named.config.id2label == ('no', 'yes') and hash(named) == hash(plain)
+  traces = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def logits(module, variables, ids):
+    traces.append(module)
+    return module.apply(variables, input_ids=ids).logits
+
+  ids = np.zeros((1, 8), np.int32)
+  variables = jax.jit(plain.init)(jax.random.key(0), ids)
+  named_variables = jax.jit(named.init)(jax.random.key(0), ids)
+  assert jax.tree.structure(named_variables) == jax.tree.structure(variables)
+  np.testing.assert_array_equal(logits(named, variables, ids), logits(plain, variables, ids))
+  assert len(traces) == 1
+
+
+def test_a_head_trained_from_data_saves_its_class_names(tmp_path):
+  """The trainer's model takes the dataset's class names (registry.data_fields), so that
+  save_pretrained writes them as id2label, as transformers' pipelines show them."""
+  from ptm_jax.data import pipeline
+  from ptm_jax.models import registry
+  from ptm_jax.train.config import base_config
+  config = base_config()
+  config.model.name = 'vit-ti/16'
+  config.model.update(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                      patch_size=4)
+  config.data.image_size = 8
+  info = pipeline.DatasetInfo('image_classification', 'train', 4, num_classes=2,
+                              class_names=['cat', 'dog'])
+  module, _ = registry.build_model(config.model, 'image_classification', info, config.data)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  ptm_jax.save_pretrained(module, variables, str(tmp_path))
+  loaded = transformers.AutoConfig.from_pretrained(str(tmp_path))
+  assert loaded.id2label == {0: 'cat', 1: 'dog'} and loaded.label2id == {'cat': 0, 'dog': 1}

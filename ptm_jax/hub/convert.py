@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ptm_jax.models import labels
+
 Path = tuple[str, ...]  # ('params', 'bert', 'layer_0', 'attention', 'query', 'kernel')
 
 
@@ -158,8 +160,16 @@ def config_from_hf(config_cls, hf: dict, **overrides):
     hf_name = names.get(field.name, field.name)
     if hf_name in hf and hf[hf_name] is not None:
       kwargs[field.name] = hf[hf_name]
-  if 'id2label' in hf and 'num_labels' in {f.name for f in dataclasses.fields(config_cls)}:
-    kwargs.setdefault('num_labels', len(hf['id2label']))
+  if 'id2label' in kwargs:
+    kwargs.setdefault('num_labels', len(kwargs['id2label']))
+    # The checkpoint's names are its own head's: a new head (num_labels overridden, names of its
+    # own) takes the names given or LABEL_i, as transformers does.
+    if ('id2label' in overrides
+        or overrides.get('num_labels', kwargs['num_labels']) != len(kwargs['id2label'])):
+      del kwargs['id2label']
+      kwargs.pop('label2id', None)
+  else:
+    kwargs.pop('label2id', None)  # Names without ids say nothing.
   unknown = set(overrides) - {f.name for f in dataclasses.fields(config_cls)}
   if unknown:
     raise ValueError(f'Unknown {config_cls.__name__} fields {sorted(unknown)}; fields: '
@@ -182,8 +192,6 @@ def config_to_hf(config) -> dict:
     if dataclasses.is_dataclass(value):
       value = config_to_hf(value)
     hf[names.get(field.name, field.name)] = value
-  if 'num_labels' in hf:
-    n = hf.pop('num_labels')
-    hf['id2label'] = {str(i): f'LABEL_{i}' for i in range(n)}
-    hf['label2id'] = {f'LABEL_{i}': i for i in range(n)}
+  if 'num_labels' in hf:  # transformers counts the classes by id2label.
+    hf.update(labels.to_hf(hf.pop('num_labels'), hf.pop('id2label'), hf.pop('label2id')))
   return hf

@@ -248,7 +248,10 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
     head: 'auto' takes the head from config.json's architectures; None is the bare model;
       a head name ('mlm', 'sequence_classification', ...) asks for that head, whose weights are
       initialised and reported when the checkpoint lacks them.
-    config_overrides: fields of the family's config to change (num_labels, image_size, dropout).
+    config_overrides: fields of the family's config to change (num_labels, image_size, dropout;
+      for a classification head also id2label, the class names as {id: name} or a list,
+      and problem_type). The checkpoint's class names are kept unless num_labels changes,
+      when they become LABEL_i; save_pretrained writes them (and problem_type) back.
     allow_unexpected_keys: drop (with a warning) checkpoint keys the model has no place for.
     init_missing_head: initialise missing head weights; defaults to True when `head` is given.
     allow_pickle: permit .bin/.pt checkpoints (read with torch.load(weights_only=True)).

@@ -201,7 +201,9 @@ def from_npz(path: str, config: vit.ViTConfig, head: str | None = 'classificatio
   # Load the checkpoint's own head (its class count), then swap in a fresh one if asked.
   load_config = config
   if head == 'classification' and reinit_head:
-    load_config = dataclasses.replace(config, num_labels=num_classes)
+    # The checkpoint's head, without config's names (they are the new head's).
+    load_config = dataclasses.replace(config, num_labels=num_classes, id2label=None,
+                                      label2id=None)
   skip = ('^head/',) if head is None else ()
   if head is None and not (config.add_pooling_layer and config.pool_type == 'cls'):
     skip += ('^pre_logits/',)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ptm_jax.models import labels
 from ptm_jax.models import layers
 from ptm_jax.models import outputs
 
@@ -41,6 +42,10 @@ class BertConfig:
   initializer_range: float = 0.02
   pad_token_id: int = 0
   num_labels: int = 2
+  # Class names by id, transformers' label2id and problem_type (see models.labels).
+  id2label: tuple[str, ...] | None = labels.field()
+  label2id: tuple[tuple[str, int], ...] | None = labels.field()
+  problem_type: str | None = labels.field()
 
   # Our field -> transformers' config.json key.
   HF_NAMES: ClassVar[dict[str, str]] = {
@@ -48,6 +53,7 @@ class BertConfig:
       'dropout': 'hidden_dropout_prob', 'attention_dropout': 'attention_probs_dropout_prob'}
 
   def __post_init__(self):
+    labels.normalise(self)
     if self.hidden_size % self.num_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads '
                        f'{self.num_heads}.')

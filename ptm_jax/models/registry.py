@@ -59,6 +59,10 @@ def data_fields(family: str, task: str, info, data: ml_collections.ConfigDict) -
   out: dict[str, Any] = {}
   if task in ('image_classification', 'text_classification') and info.num_classes:
     out['num_labels'] = int(info.num_classes)
+    names = getattr(info, 'class_names', None)
+    if names is not None and len(names) == info.num_classes:
+      # The head's class names, which save_pretrained writes as config.json's id2label.
+      out['id2label'] = tuple(str(n) for n in names)
   if family in ('vit', 'resnet') and data.channels != 3:
     out['num_channels'] = int(data.channels)
   if family == 'vit':

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptm_jax.models import labels
 from ptm_jax.models import layers
 from ptm_jax.models import outputs
 
@@ -51,11 +52,16 @@ class ResNetConfig:
   downsample_in_first_stage: bool = False
   downsample_in_bottleneck: bool = False
   num_labels: int = 1000
+  # Class names by id, transformers' label2id and problem_type (see models.labels).
+  id2label: tuple[str, ...] | None = labels.field()
+  label2id: tuple[tuple[str, int], ...] | None = labels.field()
+  problem_type: str | None = labels.field()
 
   # Every field has transformers' ResNetConfig name already.
   HF_NAMES: ClassVar[dict[str, str]] = {}
 
   def __post_init__(self):
+    labels.normalise(self)
     # config.json gives lists; tuples keep the config hashable.
     object.__setattr__(self, 'hidden_sizes', tuple(int(c) for c in self.hidden_sizes))
     object.__setattr__(self, 'depths', tuple(int(d) for d in self.depths))

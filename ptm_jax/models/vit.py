@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptm_jax.models import labels
 from ptm_jax.models import layers
 from ptm_jax.models import outputs
 
@@ -55,6 +56,10 @@ class ViTConfig:
   initializer_range: float = 0.02
   qkv_bias: bool = True
   num_labels: int = 2
+  # Class names by id, transformers' label2id and problem_type (see models.labels).
+  id2label: tuple[str, ...] | None = labels.field()
+  label2id: tuple[tuple[str, int], ...] | None = labels.field()
+  problem_type: str | None = labels.field()
   pooler_output_size: int | None = None  # None: hidden_size, as in transformers.
   pooler_act: str = 'tanh'
   # Our own fields (no transformers counterpart).
@@ -68,6 +73,7 @@ class ViTConfig:
       'dropout': 'hidden_dropout_prob', 'attention_dropout': 'attention_probs_dropout_prob'}
 
   def __post_init__(self):
+    labels.normalise(self)
     object.__setattr__(self, 'image_size', _pair(self.image_size, 'image_size'))
     patch = _pair(self.patch_size, 'patch_size')
     if not isinstance(patch, int):
