@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -40,7 +41,7 @@ from ptm_jax.data import pipeline
 from ptm_jax.models import layers, registry
 from ptm_jax.train import (checkpointing, distributed, hardware, objectives, optimizers,
                            profiling, runtime)
-from ptm_jax.train.config import RESUMABLE_KEYS, finalize
+from ptm_jax.train.config import RESUMABLE_KEYS, base_config, finalize
 
 # The key under which gradient accumulation sums the loss the step reports (EWC's term included).
 TOTAL_LOSS = '_total_loss'
@@ -482,11 +483,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   adapt = adapt_config_lib.merged_config(config.adapt)
   config.model.dtype = adapt_methods.model_dtype(adapt, config.model.dtype)
   is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
-  # Refuses a workdir of a different config (unless overwrite) and writes DIR/config.json.
+  # Refuses a workdir of a different config (unless overwrite) or a file, creates it and writes
+  # DIR/config.json.
   checkpointing.check_workdir(workdir, config_json, overwrite=overwrite,
                               allowed_to_differ=RESUMABLE_KEYS)
+  os.makedirs(workdir, exist_ok=True)
 
   devices = jax.devices()
   if config.mesh.devices:
@@ -501,8 +503,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   tokenizer = pipeline.make_tokenizer(config.data, checkpoint=config.init.from_pretrained)
   # The family: the preset's, or the checkpoint's own (its config.json is read once, here).
   family = (registry.family_of(config.model.name) if not config.init.from_pretrained
-            else ptm_jax.hub.pretrained.read_config(ptm_jax.hub.pretrained.resolve(
-                config.init.from_pretrained))['model_type'])
+            else ptm_jax.hub.pretrained.model_type_of(ptm_jax.hub.pretrained.resolve(
+                config.init.from_pretrained)))
   source_config = source_task_config(config, adapt)
   data_parallel = pipeline.data_parallel_size(mesh)
   source_rows = rehearsal_rows(adapt, config.batch_size, data_parallel)
@@ -863,6 +865,55 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the r
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, from 0.')
 
 
+def _unknown_override(argv: list[str], error: str) -> str | None:
+  """The message for ml_collections' KeyError `error` ("'KEY'[\nDid you mean ...]") about a
+  --config.PATH of argv that the config lacks, or None when no override names KEY."""
+  name = re.match(r"'([^']*)'", error)
+  paths = [a.lstrip('-')[len('config.'):].partition('=')[0] for a in argv[1:]
+           if re.match(r'--?config\.', a)]
+  path = next((p for p in paths if name and name[1] in p.split('.')), None)
+  if path is None:
+    return None
+  parts = path.split('.')
+  key = '.'.join(parts[:parts.index(name[1]) + 1])
+  parent = key.rpartition('.')[0]
+  node = base_config()
+  for part in filter(None, parent.split('.')):
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  hint = error.partition('\n')[2]
+  message = f'--config.{path}: unknown config key {key}' + (f' ({hint})' if hint else '')
+  if isinstance(node, ml_collections.ConfigDict):
+    message += f'; known keys under {parent or "the top level"}: {sorted(node.keys())}'
+    if parent == 'model':
+      message += ' and the model family\'s fields that the config file sets'
+  return message + '.'
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the config flag's raw errors reported as flag errors that name the
+  key or the file: ml_collections raises a bare KeyError deep in its parser for a --config.KEY
+  that the config lacks, and defers a config file's failure to load to its first read."""
+  try:
+    args = app.parse_flags_with_usage(argv)
+    _CONFIG.value.keys()  # a config file that failed to load raises its OSError here
+    return args
+  except OSError as e:
+    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    message = (f'--config: the config file could not be loaded ({cause}). Give an existing '
+               'configs/NAME.py[:ARGS], relative to the current directory '
+               f'({os.getcwd()}) or absolute.')
+  except (AttributeError, KeyError) as e:
+    error = e
+    while isinstance(error, BaseException) and error.args:  # AttributeError(KeyError("'KEY'"))
+      error = error.args[0]
+    message = _unknown_override(argv, str(error))
+    if message is None:
+      raise
+  sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
+                   'Pass --helpshort or --helpfull to see help on flags.\n')
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
@@ -877,4 +928,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

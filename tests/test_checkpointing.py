@@ -322,6 +322,14 @@ def test_check_workdir_allows_every_key_under_an_allowed_section(tmp_path):
                   allowed_to_differ=('model.sub',))
 
 
+def test_check_workdir_refuses_a_file(tmp_path):
+  (tmp_path / 'run').write_text('not a directory')
+  for overwrite in (False, True):
+    with pytest.raises(ValueError, match='workdir .*run is a file, not a directory'):
+      check_workdir(tmp_path / 'run', _config(), overwrite=overwrite)
+  assert (tmp_path / 'run').read_text() == 'not a directory'
+
+
 def test_check_workdir_refuses_unrelated_files(tmp_path):
   (tmp_path / 'notes.txt').write_text('not a run')
   with pytest.raises(ValueError, match='no config.json'):

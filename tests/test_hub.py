@@ -133,6 +133,16 @@ def test_missing_config(tmp_path):
     ptm_jax.from_pretrained(str(tmp_path))
 
 
+def test_missing_folder_or_model_type_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'absent does not exist: pass an existing folder, '
+                                              r'or a hub id'):
+    ptm_jax.from_pretrained(str(tmp_path / 'absent'))
+  (tmp_path / 'config.json').write_text('{"hidden_size": 4}')
+  with pytest.raises(ptm_jax.CheckpointError,
+                     match=r"config.json has no model_type; add the family's \(one of \['bert'"):
+    ptm_jax.from_pretrained(str(tmp_path))
+
+
 def test_nothing_half_loaded_on_error(bert_dirs, tmp_path):
   """A failure in the middle of the key list leaves no partial variables behind."""
   folder = copy_of(bert_dirs['cls'], tmp_path / 'h')
@@ -447,3 +457,43 @@ def test_a_head_trained_from_data_saves_its_class_names(tmp_path):
   ptm_jax.save_pretrained(module, variables, str(tmp_path))
   loaded = transformers.AutoConfig.from_pretrained(str(tmp_path))
   assert loaded.id2label == {0: 'cat', 1: 'dog'} and loaded.label2id == {'cat': 0, 'dog': 1}
+
+
+def test_a_new_head_loads_from_another_heads_checkpoint(tmp_path):
+  """The fine-tuning recipes' case: a classifier on a pre-training checkpoint (its MLM/NSP heads
+  dropped), on a ViTModel checkpoint (its pooler, which the classifier does not use, dropped) and
+  on a 1000-class classifier with num_labels=10 (the head initialised anew), as transformers
+  does; a base-model key that fits nowhere is still an error."""
+  bert_cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)
+  bert_cfg.architectures = ['BertForMaskedLM']   # as bert-base-uncased's config.json says
+  transformers.BertForPreTraining(bert_cfg).save_pretrained(tmp_path / 'bert')
+  vit_cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, image_size=32, patch_size=16)
+  transformers.ViTModel(vit_cfg).save_pretrained(tmp_path / 'vit')
+  resnet_cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                         num_labels=1000)
+  torch_resnet = transformers.ResNetForImageClassification(resnet_cfg).eval()
+  torch_resnet.save_pretrained(tmp_path / 'resnet')
+  for name, head, labels in (('bert', 'sequence_classification', 2),
+                             ('vit', 'classification', 10), ('resnet', 'classification', 10)):
+    module, variables = ptm_jax.from_pretrained(str(tmp_path / name), head=head,
+                                                config_overrides={'num_labels': labels})
+    assert module.config.num_labels == labels
+    assert variables['params']['classifier']['bias'].shape == (labels,)
+  # The backbone is the checkpoint's: ResNet's features equal transformers'.
+  _, bare = ptm_jax.from_pretrained(str(tmp_path / 'resnet'), head=None,
+                                    allow_unexpected_keys=True)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                   bare['params'], {k: v for k, v in variables['params'].items()
+                                                    if k != 'classifier'}))
+  # Without a head asked for, the checkpoint's own keys must all fit, as before.
+  with pytest.raises(ptm_jax.CheckpointError, match='no place'):
+    ptm_jax.from_pretrained(str(tmp_path / 'bert'), head=None)
+  # A key of the base model that this config has no place for stays an error.
+  tensors = safetensors.numpy.load_file(str(tmp_path / 'bert' / 'model.safetensors'))
+  tensors['bert.encoder.layer.1.output.dense.bias'] = np.zeros(32, np.float32)
+  safetensors.numpy.save_file(tensors, str(tmp_path / 'bert' / 'model.safetensors'),
+                              metadata={'format': 'pt'})
+  with pytest.raises(ptm_jax.CheckpointError, match='layer.1'):
+    ptm_jax.from_pretrained(str(tmp_path / 'bert'), head='sequence_classification')

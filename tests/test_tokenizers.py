@@ -309,7 +309,7 @@ def test_tokenizer_json_folder(tmp_path):
 
 
 def test_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match='neither a local folder'):
+  with pytest.raises(FileNotFoundError, match='missing does not exist: pass an existing folder'):
     ptm_jax.load_tokenizer(str(tmp_path / 'missing'))
   with pytest.raises(FileNotFoundError, match=r'tokenizer\.json.*vocab\.txt.*merges\.txt'):
     ptm_jax.load_tokenizer(str(tmp_path))

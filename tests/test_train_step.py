@@ -209,6 +209,40 @@ def test_accumulation_that_does_not_divide_the_batch_is_refused(tmp_path):
                              str(tmp_path))
 
 
+def test_negative_step_counts_are_refused():
+  config = base_config()
+  config.eval_every = -5
+  with pytest.raises(ValueError, match=r'config.eval_every=-5 is negative.*0 \(evaluate only'):
+    finalize(config)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.optimizer.lr=1', r"--config.optimizer.lr: unknown config key optimizer.lr; known "
+                                r"keys under optimizer: \[.*'learning_rate'"),
+    ('--config.optimzer.lr=1', r'unknown config key optimzer \(Did you mean "optimizer"'),
+])
+def test_an_unknown_config_override_is_a_flag_error_that_names_it(monkeypatch, capsys, override,
+                                                                   message):
+  from absl.testing import flagsaver
+  digits = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits.py')
+  argv = ['train', f'--config={digits}:runlocal', '--workdir=/tmp/unused', override]
+  monkeypatch.setattr('sys.argv', argv)  # ml_collections reads the overrides from sys.argv
+  with flagsaver.flagsaver(), pytest.raises(SystemExit):
+    train._parse_flags(argv)
+  assert re.search(f'FATAL Flags parsing error: .*{message}', capsys.readouterr().err)
+
+
+def test_a_missing_config_file_is_a_flag_error_that_names_it(monkeypatch, capsys):
+  from absl.testing import flagsaver
+  argv = ['train', '--config=configs/no_such.py:runlocal', '--workdir=/tmp/unused']
+  monkeypatch.setattr('sys.argv', argv)
+  with flagsaver.flagsaver(), pytest.raises(SystemExit):
+    train._parse_flags(argv)
+  assert re.search(r"--config: the config file could not be loaded \(.*No such file or "
+                   r"directory: 'configs/no_such.py'\)\. Give an existing configs/NAME.py",
+                   capsys.readouterr().err)
+
+
 def test_mfu_formula_and_xla_flop_count():
   m, k, n = 64, 32, 16
   lowered = jax.jit(lambda a, b: a @ b).lower(jnp.zeros((m, k)), jnp.zeros((k, n)))

@@ -58,6 +58,10 @@ def resolve(path_or_hub_id: str, revision: str | None = None,
   """
   if os.path.exists(path_or_hub_id):
     return path_or_hub_id
+  if path_or_hub_id.startswith(('/', '.', '~')) or path_or_hub_id.count('/') > 1:
+    # A path, not a hub id ('NAME' or 'OWNER/NAME'): asking the hub would only add its noise.
+    raise FileNotFoundError(f'{path_or_hub_id} does not exist: pass an existing folder, or a '
+                            "hub id such as 'google-bert/bert-base-uncased'.")
   try:
     import huggingface_hub
   except ImportError:
@@ -98,6 +102,18 @@ def read_config(folder: str) -> dict:
     raise CheckpointError(f'{path} is not valid JSON ({e}).') from e
 
 
+def model_type_of(folder: str, hf_config: dict | None = None) -> str:
+  """config.json's model_type (read from `folder` unless given), checked to be a known family."""
+  hf_config = read_config(folder) if hf_config is None else hf_config
+  model_type = hf_config.get('model_type')
+  if model_type is None:
+    raise CheckpointError(f'{folder}/config.json has no model_type; add the family\'s (one of '
+                          f'{sorted(_FAMILY_MODULES)}), as transformers\' save_pretrained writes '
+                          'it.')
+  family_for_model_type(model_type)  # raises for a family ptm_jax does not know
+  return model_type
+
+
 def _get(tree, path):
   for p in path:
     tree = tree[p]
@@ -133,6 +149,15 @@ def _normalise_key(key: str, expected: set[str], prefix: str) -> str:
   return key
 
 
+def _not_this_heads(family: convert.Family, config, key: str) -> bool:
+  """Whether checkpoint key is another head's weight (a top-level module the base model lacks)
+  or a part of the base model that the head at hand leaves out."""
+  bare = {r.key for r in family.rules(config, None)}  # the base model's keys, unprefixed
+  if key.startswith(family.prefix):
+    return key[len(family.prefix):] in bare
+  return key in bare or key.split('.')[0] not in {k.split('.')[0] for k in bare}
+
+
 def load_variables(module: nn.Module, family: convert.Family, reader, *,
                    allow_unexpected_keys: bool = False, init_missing_head: bool = False,
                    head: str | None = None, rng: jax.Array | None = None,
@@ -166,6 +191,16 @@ def load_variables(module: nn.Module, family: convert.Family, reader, *,
       key_of[key] = raw
     else:
       unexpected.append(raw)
+  new_head = init_missing_head and head is not None and bool(family.prefix)
+  if unexpected and new_head:
+    # A head of its own on a checkpoint of another (a classifier on a pre-training checkpoint):
+    # that head's weights, and base-model parts this head leaves out (ViT's pooler), are dropped
+    # as transformers drops them. Keys of the base model itself stay an error.
+    unused = [k for k in unexpected if _not_this_heads(family, module.config, k)]
+    if unused:
+      log.warning('Dropped %d checkpoint keys that head %r does not use: %s', len(unused), head,
+                  sorted(unused))
+    unexpected = [k for k in unexpected if k not in unused]
   if unexpected and not allow_unexpected_keys:
     raise CheckpointError(
         f'{len(unexpected)} checkpoint keys have no place in {family.name} (head {head!r}): '
@@ -185,11 +220,18 @@ def load_variables(module: nn.Module, family: convert.Family, reader, *,
 
   # 2. Check every shape (after the layout change) before reading.
   targets = {}
+  resized = []
   for key, raw in key_of.items():
     rule = by_key[key]
     found = reader.shape(raw)
     # A zero-strided stand-in runs the layout change without reading or allocating the tensor.
     stand_ins = rule.to_flax(np.broadcast_to(np.float32(0), found))
+    fits = [tuple(arr.shape) == tuple(_get(abstract, path).shape) or
+            family.adapt_tensor(key, arr, tuple(_get(abstract, path).shape)) is not None
+            for path, arr in zip(rule.paths, stand_ins)]
+    if not all(fits) and new_head and not key.startswith(family.prefix):
+      resized.append(key)  # a head of another size (num_labels changed): initialised below
+      continue
     for path, arr in zip(rule.paths, stand_ins):
       expected = tuple(_get(abstract, path).shape)
       if tuple(arr.shape) != expected and family.adapt_tensor(key, arr, expected) is None:
@@ -216,8 +258,11 @@ def load_variables(module: nn.Module, family: convert.Family, reader, *,
         arr = family.adapt_tensor(key, arr, expected)
       _set(variables, path, place(path, arr))
 
-  if missing:
-    paths = [p for k in missing for p in by_key[k].paths]
+  if resized:
+    log.warning('The checkpoint\'s head weights %s do not fit head %r of this config (another '
+                'num_labels?): initialised anew.', sorted(key_of[k] for k in resized), head)
+  if missing or resized:
+    paths = [p for k in missing + resized for p in by_key[k].paths]
     rng = jax.random.key(0) if rng is None else rng
     inputs = module.example_inputs()
 
@@ -264,10 +309,7 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
   """
   folder = resolve(path_or_hub_id, revision, cache_dir, allow_pickle)
   hf_config = read_config(folder)
-  model_type = hf_config.get('model_type')
-  if model_type is None:
-    raise CheckpointError(f'{folder}/config.json has no model_type.')
-  family = family_for_model_type(model_type)
+  family = family_for_model_type(model_type_of(folder, hf_config))
   if head == 'auto':
     archs = hf_config.get('architectures') or [family.architecture(None)]
     head = family.head(archs[0])
@@ -278,7 +320,9 @@ def from_pretrained(path_or_hub_id: str, dtype: Any = None, *, head: Any = 'auto
   module = family.make_module(config, head=head, dtype=dtype or jnp.float32,
                               param_dtype=param_dtype)
   reader = checkpoint_io.open_checkpoint(folder, allow_pickle=allow_pickle)
-  if hf_config.get('tie_word_embeddings') is False and family.tied_keys:
+  # (Only the heads that use the word embeddings as their decoder.)
+  if (hf_config.get('tie_word_embeddings') is False and family.tied_keys
+      and head in ('mlm', 'pretraining', 'lm')):
     # Untied, the "duplicates" are weights of their own, which the (tied) model cannot hold.
     tied = [re.compile(p) for p in family.tied_keys]
     untied = sorted(k for k in reader.keys() if any(p.search(k) for p in tied))

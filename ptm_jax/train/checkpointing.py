@@ -431,6 +431,9 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
   if not isinstance(config, dict):
     raise ValueError(f'config_json must be a JSON object, got {type(config).__name__}.')
   workdir = _as_path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f'The workdir {workdir} is a file, not a directory: give the workdir a new '
+                     'directory, or the directory of the run to resume.')
   config_path = workdir / CONFIG_FILE
   fix = 'Pass --overwrite to delete it and start afresh, or use a new workdir.'
   clear = False

@@ -19,6 +19,11 @@ from ptm_jax.train import runtime
 RESUMABLE_KEYS = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'eval_steps',
                   'keep_checkpoints', 'profile', 'eval_batch_size', 'runtime', 'mesh')
 
+# Counts of base_config() for which 0 means something else; negative values are errors.
+_ZERO_MEANS = {'log_every': 'log only the last step', 'eval_every': 'evaluate only at the end',
+               'eval_steps': 'the whole eval split', 'eval_batch_size': 'batch_size',
+               'checkpoint_every': 'only at the end and on preemption'}
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Every top-level key the trainer reads, with its default. Configs start from this."""
@@ -77,6 +82,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       else:
         base[key] = value
   merge(out, config, '')
+  for key, zero in _ZERO_MEANS.items():
+    if out[key] < 0:
+      raise ValueError(f'config.{key}={out[key]} is negative; set it to a positive count or 0 '
+                       f'({zero}).')
   return out
 
 
