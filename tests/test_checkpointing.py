@@ -305,6 +305,7 @@ def test_check_workdir_allows_every_key_under_an_allowed_section(tmp_path):
   workdir = tmp_path / 'run'
   check_workdir(workdir, _config(profile={'num_steps': 3, 'dir': ''}), overwrite=False,
                 allowed_to_differ=RESUMABLE_KEYS)
+  (workdir / 'metrics.jsonl').write_text('{}\n')  # the run has progress to keep
   assert check_workdir(workdir, _config(profile={'num_steps': 5, 'dir': 'p'}), overwrite=False,
                        allowed_to_differ=RESUMABLE_KEYS)
   assert check_workdir(workdir, _config(model__runtime={'threads': 2}), overwrite=False,
@@ -315,6 +316,7 @@ def test_check_workdir_allows_every_key_under_an_allowed_section(tmp_path):
   # A section named by its dotted path allows what is under it, not its siblings.
   workdir = tmp_path / 'other_run'
   check_workdir(workdir, _config(), overwrite=False)
+  (workdir / 'metrics.jsonl').write_text('{}\n')
   assert check_workdir(workdir, _config(model__sub={'a': 1}), overwrite=False,
                        allowed_to_differ=('model.sub',))
   with pytest.raises(ValueError, match='model.name'):
@@ -358,3 +360,17 @@ def test_check_workdir_names_a_damaged_config_json_and_keeps_the_run(tmp_path):
   assert not check_workdir(workdir, _config(), overwrite=True)
   assert sorted(p.name for p in workdir.iterdir()) == ['config.json']
   assert json.loads((workdir / 'config.json').read_text()) == json.loads(_config())
+
+
+def test_check_workdir_lets_a_start_that_never_logged_change_its_config(tmp_path):
+  # A first command failed after writing config.json (a bad model name): the corrected command
+  # starts afresh in the same workdir, as nothing would be lost; with progress, it is refused.
+  workdir = tmp_path / 'run'
+  check_workdir(workdir, _config(), overwrite=False)
+  (workdir / 'checkpoints').mkdir()  # made, still empty
+  assert not check_workdir(workdir, _config(model__name='gpt2'), overwrite=False)
+  assert json.loads((workdir / 'config.json').read_text())['model']['name'] == 'gpt2'
+  (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
+  with pytest.raises(ValueError, match='model.name'):
+    check_workdir(workdir, _config(model__name='bert'), overwrite=False)
+  assert (workdir / 'metrics.jsonl').exists()

@@ -403,7 +403,9 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
   a run to resume. One of a different config raises, unless overwrite=True: then its contents
   (checkpoints, logs, config.json) are deleted. overwrite does nothing when the configs match,
   so a preempted job restarted with the same command line (--overwrite included) resumes
-  instead of wiping its own progress. config.json is then (re)written with `config_json`.
+  instead of wiping its own progress. A workdir that holds nothing but config.json (and empty
+  folders), the trace of a start that failed before logging, takes the new config without
+  overwrite. config.json is then (re)written with `config_json`.
 
   Call it on every process before creating the Checkpointer: every process compares; process 0
   alone deletes and writes, and the others wait for it.
@@ -437,6 +439,7 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
   config_path = workdir / CONFIG_FILE
   fix = 'Pass --overwrite to delete it and start afresh, or use a new workdir.'
   clear = False
+  no_progress = False
   if config_path.exists():
     try:
       old_config = json.loads(config_path.read_text())
@@ -447,7 +450,14 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     # An unreadable config.json is not this run's: overwrite clears the workdir.
     differences = (True if old_config is None
                    else _config_differences(old_config, config, allowed_to_differ))
-    if differences and not overwrite:
+    # A start that failed before its first log or checkpoint (a bad model name, say) leaves
+    # config.json alone: nothing to lose, so the corrected command starts afresh.
+    no_progress = old_config is not None and all(
+        p.name == CONFIG_FILE or (p.is_dir() and not any(p.iterdir())) for p in workdir.iterdir())
+    if differences and no_progress:
+      logger.info('%s holds only the config.json of a run that never logged: starting afresh.',
+                  workdir)
+    elif differences and not overwrite:
       shown = '\n'.join(f'  {path}: {old!r} (in {workdir}) -> {new!r} (now)'
                         for path, old, new in differences[:_SHOWN_DIFFERENCES])
       more = len(differences) - _SHOWN_DIFFERENCES
@@ -465,7 +475,7 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     # Every process has read the old config before process 0 changes it.
     multihost_utils.sync_global_devices(f'check_workdir read {workdir}')
   if jax.process_index() == 0:
-    if clear:
+    if clear and not no_progress:
       logger.warning('Overwriting %s: deleting the previous run in it.', workdir)
       _clear_directory(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
