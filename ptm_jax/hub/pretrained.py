@@ -149,13 +149,17 @@ def _normalise_key(key: str, expected: set[str], prefix: str) -> str:
   return key
 
 
-def _not_this_heads(family: convert.Family, config, key: str) -> bool:
-  """Whether checkpoint key is another head's weight (a top-level module the base model lacks)
-  or a part of the base model that the head at hand leaves out."""
+def _other_heads_keys(family: convert.Family, config, keys: list[str]) -> list[str]:
+  """The checkpoint keys among `keys` that are another head's weights (a top-level module the
+  base model lacks) or parts of the base model that the head at hand leaves out."""
   bare = {r.key for r in family.rules(config, None)}  # the base model's keys, unprefixed
-  if key.startswith(family.prefix):
-    return key[len(family.prefix):] in bare
-  return key in bare or key.split('.')[0] not in {k.split('.')[0] for k in bare}
+  tops = {k.split('.')[0] for k in bare}
+
+  def other(key):
+    if key.startswith(family.prefix):
+      return key[len(family.prefix):] in bare
+    return key in bare or key.split('.')[0] not in tops
+  return [k for k in keys if other(k)]
 
 
 def load_variables(module: nn.Module, family: convert.Family, reader, *,
@@ -196,7 +200,7 @@ def load_variables(module: nn.Module, family: convert.Family, reader, *,
     # A head of its own on a checkpoint of another (a classifier on a pre-training checkpoint):
     # that head's weights, and base-model parts this head leaves out (ViT's pooler), are dropped
     # as transformers drops them. Keys of the base model itself stay an error.
-    unused = [k for k in unexpected if _not_this_heads(family, module.config, k)]
+    unused = _other_heads_keys(family, module.config, unexpected)
     if unused:
       log.warning('Dropped %d checkpoint keys that head %r does not use: %s', len(unused), head,
                   sorted(unused))
@@ -226,20 +230,19 @@ def load_variables(module: nn.Module, family: convert.Family, reader, *,
     found = reader.shape(raw)
     # A zero-strided stand-in runs the layout change without reading or allocating the tensor.
     stand_ins = rule.to_flax(np.broadcast_to(np.float32(0), found))
-    fits = [tuple(arr.shape) == tuple(_get(abstract, path).shape) or
-            family.adapt_tensor(key, arr, tuple(_get(abstract, path).shape)) is not None
-            for path, arr in zip(rule.paths, stand_ins)]
-    if not all(fits) and new_head and not key.startswith(family.prefix):
-      resized.append(key)  # a head of another size (num_labels changed): initialised below
-      continue
     for path, arr in zip(rule.paths, stand_ins):
       expected = tuple(_get(abstract, path).shape)
-      if tuple(arr.shape) != expected and family.adapt_tensor(key, arr, expected) is None:
-        raise CheckpointError(
-            f'Shape mismatch for {raw!r} -> {"/".join(path)}: the model expects {expected}, the '
-            f'checkpoint has {tuple(found)} (as {tuple(arr.shape)} after the layout change). '
-            'Is config.json the one that belongs to these weights?')
-    targets[key] = raw
+      if tuple(arr.shape) == expected or family.adapt_tensor(key, arr, expected) is not None:
+        continue
+      if new_head and not key.startswith(family.prefix):
+        resized.append(key)  # a head of another size (num_labels changed): initialised below
+        break
+      raise CheckpointError(
+          f'Shape mismatch for {raw!r} -> {"/".join(path)}: the model expects {expected}, the '
+          f'checkpoint has {tuple(found)} (as {tuple(arr.shape)} after the layout change). '
+          'Is config.json the one that belongs to these weights?')
+    else:  # every tensor of the key fits
+      targets[key] = raw
 
   # 3. Read, convert and place one tensor at a time.
   def place(path, array):
