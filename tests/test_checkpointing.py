@@ -368,9 +368,24 @@ def test_check_workdir_lets_a_start_that_never_logged_change_its_config(tmp_path
   workdir = tmp_path / 'run'
   check_workdir(workdir, _config(), overwrite=False)
   (workdir / 'checkpoints').mkdir()  # made, still empty
+  # A text task's start saves its tokenizer before it builds and compiles the model.
+  (workdir / 'tokenizer.json').write_text('{"model": {"type": "BPE"}}')
   assert not check_workdir(workdir, _config(model__name='gpt2'), overwrite=False)
   assert json.loads((workdir / 'config.json').read_text())['model']['name'] == 'gpt2'
+  assert not (workdir / 'tokenizer.json').exists()  # the old config's; the new start writes its own
   (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
   with pytest.raises(ValueError, match='model.name'):
     check_workdir(workdir, _config(model__name='bert'), overwrite=False)
   assert (workdir / 'metrics.jsonl').exists()
+
+
+@pytest.mark.parametrize('keep', [0, -2])
+def test_keep_checkpoints_below_1_is_a_config_error(keep):
+  # Found by finalize, before the data is loaded and the step compiled, not by the Checkpointer.
+  from ptm_jax.train.config import base_config, finalize
+  config = base_config()
+  config.keep_checkpoints = keep
+  with pytest.raises(ValueError, match=f'config.keep_checkpoints={keep} must be at least 1'):
+    finalize(config)
+  config.keep_checkpoints = None  # keeps every checkpoint
+  assert finalize(config).keep_checkpoints is None

@@ -21,7 +21,8 @@ the last place) holds with a wide margin over the 12 steps (the largest differen
 
 The second test runs ptm_jax.train.checkpointing.Checkpointer in two processes without the
 trainer (seconds, not a minute), to cover what the trainer test cannot afford to: a
-multi-process restore, with a data state that differs between the processes.
+multi-process restore, with a data state that differs between the processes. The third damages
+the latest checkpoint for one process only: every process falls back to the same older step.
 """
 
 import json
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ptm_jax.partitioning import make_mesh
@@ -190,8 +192,9 @@ def test_each_process_restores_its_own_data_state(tmp_path):
   directory = tmp_path / 'checkpoints'
   env = _with_device_count(dict(os.environ), DEVICES_PER_PROCESS)
   results = [tmp_path / f'worker_{index}.json' for index in range(NUM_PROCESSES)]
-  _finish_all([Subprocess([sys.executable, '-m', 'tests.test_multiprocess', str(directory),
-                           str(port), str(index), str(results[index])], env,
+  _finish_all([Subprocess([sys.executable, '-m', 'tests.test_multiprocess',
+                           '_checkpoint_worker', str(directory), str(port), str(index),
+                           str(results[index])], env,
                           tmp_path / f'worker_{index}.log')
                for index in range(NUM_PROCESSES)])
   for index, path in enumerate(results):
@@ -208,5 +211,66 @@ def test_each_process_restores_its_own_data_state(tmp_path):
       restorer.restore(abstract)
 
 
+def _damaged_for_one_process_worker(directory: str, port: str, process_id: str,
+                                    result_path: str) -> None:
+  """One process of test_a_step_damaged_for_one_process_falls_back_on_every_process.
+
+  Saves steps 1 and 2, deletes process 1's array files of step 2 (what a host that cannot read
+  its part of a checkpoint sees), restores with a new Checkpointer and writes what it got back.
+  """
+  distributed.initialize(f'localhost:{port}', NUM_PROCESSES, int(process_id))
+  sharding = NamedSharding(make_mesh(data=-1), PartitionSpec('data'))
+  # Rows of 4 KiB: OCDBT keeps values of a few bytes inside its b-tree, not in the data files.
+  values = np.arange(8 * 1024, dtype=np.float32).reshape(8, 1024)
+
+  def state(step):
+    return {'array': jax.make_array_from_callback(values.shape, sharding,
+                                                  lambda index: step * values[index])}
+
+  with checkpointing.Checkpointer(directory, save_every=1) as saver:
+    for step in (1, 2):
+      saver.save(step, state(step), {'step': step, 'process': jax.process_index()})
+  if jax.process_index() == 1:
+    damaged = _own_array_files(os.path.join(directory, '2'))
+    assert damaged, 'no array files of process 1 found to damage'
+    for path in damaged:
+      os.remove(path)
+  multihost_utils.sync_global_devices('step 2 damaged')
+  with checkpointing.Checkpointer(directory) as restorer:
+    abstract = {'array': jax.ShapeDtypeStruct(values.shape, jnp.float32, sharding=sharding)}
+    step, restored, data_state = restorer.restore(abstract)
+  shards_match = all(
+      np.array_equal(np.asarray(shard.data), step * values[shard.index])
+      for shard in restored['array'].addressable_shards)
+  with open(result_path, 'w', encoding='utf-8') as f:
+    json.dump({'step': step, 'data_state': data_state, 'shards_match': shards_match}, f)
+
+
+def _own_array_files(step_dir: str) -> list[str]:
+  """The tensorstore data files that this process wrote in a step's 'state' item (OCDBT puts
+  each process's writes under ocdbt.process_<index>/d/)."""
+  own = f'ocdbt.process_{jax.process_index()}'
+  return [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+          if os.path.basename(root) == 'd' and own in root.split(os.sep) for name in names]
+
+
+def test_a_step_damaged_for_one_process_falls_back_on_every_process(tmp_path):
+  # Process 1 cannot restore step 2; process 0 can. Each falling back alone would leave the
+  # global arrays half step 2, half step 1 (and the processes at different steps): all of them
+  # restore step 1.
+  port = _free_port()
+  env = _with_device_count(dict(os.environ), DEVICES_PER_PROCESS)
+  results = [tmp_path / f'worker_{index}.json' for index in range(NUM_PROCESSES)]
+  _finish_all([Subprocess([sys.executable, '-m', 'tests.test_multiprocess',
+                           '_damaged_for_one_process_worker', str(tmp_path / 'checkpoints'),
+                           str(port), str(index), str(results[index])], env,
+                          tmp_path / f'worker_{index}.log')
+               for index in range(NUM_PROCESSES)])
+  for index, path in enumerate(results):
+    assert json.loads(path.read_text()) == {
+        'step': 1, 'data_state': {'step': 1, 'process': index}, 'shards_match': True}
+  assert 'All of them restore step 1' in (tmp_path / 'worker_0.log').read_text()
+
+
 if __name__ == '__main__':
-  _checkpoint_worker(*sys.argv[1:])
+  globals()[sys.argv[1]](*sys.argv[2:])

@@ -18,7 +18,9 @@ Restoring takes an abstract state (ShapeDtypeStructs with shardings), so every a
 straight into its shards on the current mesh, whatever mesh the checkpoint was written from
 (saved over 1x8 data parallelism, restored onto 2x4 data x tensor or FSDP). If the latest step
 does not restore (files truncated or deleted after commit), `restore` logs a warning naming the
-step and the error and falls back to the next older step.
+step and the error and falls back to the next older step. In a multi-process run each process
+reads its own shards, so a step may fail for some processes only; the processes then agree on
+the oldest step any of them fell back to, and all restore that one.
 
 Preemption (single process): `install_sigterm_handler` turns SIGTERM into a flag that the train
 loop polls through `reached_preemption(step)`, then saves with force=True, waits and exits. In a
@@ -44,6 +46,11 @@ logger = logging.getLogger(__name__)
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
 CONFIG_FILE = 'config.json'
+# What a start writes to its workdir before its first log or checkpoint, all of it from the
+# config: config.json (and its tmp file, where killed writing it), and the tokenizer that
+# experiments/train.py saves before it builds the model (a text task's start that fails in the
+# model or its compilation leaves it).
+START_UP_FILES = (CONFIG_FILE, f'{CONFIG_FILE}.tmp', 'tokenizer.json')
 # Config keys a resumed run may change: how long to train and how often to log, evaluate, save.
 DEFAULT_ALLOWED_TO_DIFFER = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every')
 # How many differing config keys the check_workdir error shows.
@@ -245,7 +252,8 @@ class Checkpointer:
         leaves that carry `.sharding` (e.g. NamedSharding on the current mesh); each array is
         read straight into those shards, whatever sharding it was saved with.
       step: the step to read; None: the latest step that restores, falling back past ones that
-        fail (each failure logged as a warning).
+        fail (each failure logged as a warning); in a multi-process run, the latest that
+        restores on every process (a collective then).
 
     Returns:
       (step, state, data_state), or None if the directory holds no checkpoint. data_state is
@@ -253,7 +261,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: `step` was given and has no checkpoint.
-      RuntimeError: no step restores (the message lists each step and its error).
+      RuntimeError: no step restores (the message lists each step and its error), or some
+        processes find no checkpoint that restores while others do.
       ValueError: the checkpoint was saved by another number of processes than this run has
         (each process's data state has no process to go to).
     """
@@ -269,9 +278,10 @@ class Checkpointer:
       self._own_steps.add(step)
       return step, state, _own_data_state(data_state)
     failures = []
+    found = None  # (step, state, data_state) of the newest step that restores here
     for candidate in reversed(steps):
       try:
-        restored = self._restore_step(abstract_state, candidate)
+        state, data_state = self._restore_step(abstract_state, candidate)
       except Exception as e:  # pylint: disable=broad-except
         # Any failure (missing or truncated files, bad JSON) makes the step unusable; an older
         # one may still be whole. The final error lists every failure, so a mismatch between
@@ -280,18 +290,56 @@ class Checkpointer:
                        'step.', candidate, self.directory, type(e).__name__, e)
         failures.append((candidate, e))
         continue
-      self._own_steps.add(candidate)
-      if failures:
-        logger.warning('Restored checkpoint step %d after newer steps %s failed.', candidate,
-                       [failed for failed, _ in failures])
-      state, data_state = restored
-      return candidate, state, _own_data_state(data_state)
-    if not failures:
-      return None
-    tried = '\n'.join(f'  step {failed}: {type(e).__name__}: {e}' for failed, e in failures)
-    raise RuntimeError(f'None of the checkpoints in {self.directory} restores onto '
-                       f'abstract_state:\n{tried}\nCheck that abstract_state has the structure, '
-                       'shapes and dtypes of the saved state.') from failures[-1][1]
+      found = candidate, state, data_state
+      break
+    if jax.process_count() > 1:
+      found = self._agreed_across_processes(abstract_state, found, bool(failures))
+    if found is None:
+      if not failures:
+        return None
+      tried = '\n'.join(f'  step {failed}: {type(e).__name__}: {e}' for failed, e in failures)
+      raise RuntimeError(f'None of the checkpoints in {self.directory} restores onto '
+                         f'abstract_state:\n{tried}\nCheck that abstract_state has the structure, '
+                         'shapes and dtypes of the saved state.') from failures[-1][1]
+    step, state, data_state = found
+    self._own_steps.add(step)
+    if failures:
+      logger.warning('Restored checkpoint step %d after newer steps %s failed.', step,
+                     [failed for failed, _ in failures])
+    return step, state, _own_data_state(data_state)
+
+  def _agreed_across_processes(self, abstract_state: Any, found: tuple | None,
+                               failed: bool) -> tuple | None:
+    """This process's `found` (step, state, data_state), or the step that every process restores
+    where they found different ones. A collective.
+
+    Each process reads only its own shards, so a step damaged in one process's files (or
+    unreadable from one host) fails there alone: that process falls back while the others
+    restore the newer step, and trained on, the global arrays would mix two steps. (orbax's
+    restore ends in a barrier of one name whatever the step, so such processes come out of their
+    restores together, each with its own step.) Here they compare and all restore the oldest
+    step found, every process again, so that orbax's barriers pair up.
+    """
+    no_checkpoint, none_restores = -2, -1
+    own = found[0] if found is not None else none_restores if failed else no_checkpoint
+    steps = [int(s) for s in np.asarray(
+        multihost_utils.process_allgather(np.int32(own))).reshape(-1)]
+    if len(set(steps)) == 1:
+      return found
+    by_process = ', '.join(
+        f'process {i}: ' + {no_checkpoint: 'no checkpoint', none_restores: 'none restores'}.get(
+            s, f'step {s}') for i, s in enumerate(steps))
+    if min(steps) < 0:
+      raise RuntimeError(
+          f'The processes find different checkpoints in {self.directory} ({by_process}): a '
+          'process that finds none sees another directory than the others, or damaged files. '
+          'Give every process the same shared directory.')
+    agreed = min(steps)
+    logger.warning('The processes restored different checkpoint steps from %s (%s): a step that '
+                   'restores for some processes only. All of them restore step %d.',
+                   self.directory, by_process, agreed)
+    state, data_state = self._restore_step(abstract_state, agreed)
+    return agreed, state, data_state
 
   def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, Any]:
     restored = self._manager.restore(
@@ -403,9 +451,10 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
   a run to resume. One of a different config raises, unless overwrite=True: then its contents
   (checkpoints, logs, config.json) are deleted. overwrite does nothing when the configs match,
   so a preempted job restarted with the same command line (--overwrite included) resumes
-  instead of wiping its own progress. A workdir that holds nothing but config.json (and empty
-  folders), the trace of a start that failed before logging, takes the new config without
-  overwrite. config.json is then (re)written with `config_json`.
+  instead of wiping its own progress. A workdir that holds nothing but START_UP_FILES
+  (config.json, tokenizer.json) and empty folders, the trace of a start that failed before
+  logging, takes the new config without overwrite (and loses those files). config.json is then
+  (re)written with `config_json`.
 
   Call it on every process before creating the Checkpointer: every process compares; process 0
   alone deletes and writes, and the others wait for it.
@@ -451,11 +500,12 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     differences = (True if old_config is None
                    else _config_differences(old_config, config, allowed_to_differ))
     # A start that failed before its first log or checkpoint (a bad model name, say) leaves
-    # config.json alone: nothing to lose, so the corrected command starts afresh.
+    # START_UP_FILES alone: nothing to lose, so the corrected command starts afresh.
     no_progress = old_config is not None and all(
-        p.name == CONFIG_FILE or (p.is_dir() and not any(p.iterdir())) for p in workdir.iterdir())
+        p.name in START_UP_FILES or (p.is_dir() and not any(p.iterdir()))
+        for p in workdir.iterdir())
     if differences and no_progress:
-      logger.info('%s holds only the config.json of a run that never logged: starting afresh.',
+      logger.info('%s holds only the start-up files of a run that never logged: starting afresh.',
                   workdir)
     elif differences and not overwrite:
       shown = '\n'.join(f'  {path}: {old!r} (in {workdir}) -> {new!r} (now)'
@@ -475,8 +525,10 @@ def check_workdir(workdir, config_json: str, overwrite: bool = False,
     # Every process has read the old config before process 0 changes it.
     multihost_utils.sync_global_devices(f'check_workdir read {workdir}')
   if jax.process_index() == 0:
-    if clear and not no_progress:
-      logger.warning('Overwriting %s: deleting the previous run in it.', workdir)
+    if clear:
+      if not no_progress:
+        logger.warning('Overwriting %s: deleting the previous run in it.', workdir)
+      # (After a start without progress: its start-up files, which the new config replaces.)
       _clear_directory(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # Write then rename, so that a kill mid-write never leaves a truncated config.json.

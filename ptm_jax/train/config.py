@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_steps = 0                  # 0: the whole eval split
   c.eval_batch_size = 0             # global; 0: batch_size
   c.checkpoint_every = 500          # 0: only at the end and on preemption
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3            # the latest N; None: all
   # A jax.profiler trace of train steps start_step+1 .. start_step+num_steps, written to
   # DIR/profile (TensorBoard's profile tab or xprof; python -m experiments.profile_summary
   # --profile_dir=DIR/profile prints where the step's time went). num_steps 0: no trace.
@@ -86,6 +86,12 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if out[key] < 0:
       raise ValueError(f'config.{key}={out[key]} is negative; set it to a positive count or 0 '
                        f'({zero}).')
+  # A run resumes from its latest checkpoint, so it keeps at least that one. (Refused here, not
+  # by the Checkpointer after the data and the compilation.)
+  if out.keep_checkpoints is not None and out.keep_checkpoints < 1:
+    raise ValueError(f'config.keep_checkpoints={out.keep_checkpoints} must be at least 1 (or None: '
+                     'keep them all): a run keeps its latest checkpoint to resume from, and with 2 '
+                     'or more one to fall back to if the latest is damaged.')
   return out
 
 
