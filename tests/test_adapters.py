@@ -1,5 +1,6 @@
 """Houlsby adapters, prefix tuning and prompt tuning (ptm_jax.adapt.adapters / prompts): exact at
-init (adapters), masks and causality with prefixes/prompts, and each method through the trainer."""
+init (adapters), masks and causality with prefixes/prompts, and each method through the trainer;
+EWC's refusal of a loss that one example cannot move (ptm_jax.adapt.ewc)."""
 
 import dataclasses
 import re
@@ -8,9 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from ptm_jax.adapt import methods, rules
+from ptm_jax.adapt import adapters, ewc, methods, rules
 from ptm_jax.models import bert, clip, generate, gpt2, layers, resnet, vit
 from tests import adapt_runs
 
@@ -97,6 +99,16 @@ def test_adapter_init_is_houlsby_with_a_zero_up_projection():
   assert all(not np.any(v) for p, v in flat.items()
              if p.endswith(('up_kernel', 'up_bias', 'down_bias')))
   assert flat['transformer/layer_0/mlp/fc_out/adapter_down_kernel'].shape == (32, 64)
+
+
+def test_adapter_init_std_of_zero_is_refused():
+  """init_std 0 is a fixed point: W_down = W_up = 0 makes the bottleneck gelu(0) = 0, so neither
+  kernel ever gets a gradient (only adapter_up_bias would train)."""
+  with pytest.raises(ValueError, match='init_std must be > 0'):
+    adapters.Adapter(init_std=0.0)
+  with pytest.raises(ValueError, match='init_std must be > 0'):
+    adapters.Adapter.from_config(_config('adapter', adapter={'init_std': -1e-3}))
+  assert adapters.Adapter(init_std=1e-6).init_std == 1e-6
 
 
 def test_adapters_in_a_scanned_stack_are_stacked_and_exact():
@@ -290,6 +302,48 @@ def test_prompts_keep_causality_and_padding():
       _logits(module, adapted, inputs, config, attention_mask=mask), atol=1e-6)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StackConfig:
+  num_layers: int = 2
+  hidden_size: int = 16
+
+
+class _Stack(nn.Module):
+  """Two pre-LN blocks under a config with num_layers, taking any attention mask: the smallest
+  model that prompts attach to."""
+  config: _StackConfig = _StackConfig()
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask):
+    return layers.transformer_stack(
+        x_BxTxD, mask, num_layers=self.config.num_layers, num_heads=2, head_dim=8, mlp_dim=32,
+        activation='gelu', layer_norm_eps=1e-5, norm_first=True,
+        init_std=0.3)   # far from uniform attention, so that a leak shows
+
+
+def test_prompts_under_a_per_query_mask_see_only_what_every_query_sees():
+  """A (B, 1, T, S) mask: the prompts' query rows must not see a key that some query may not
+  (padding, a later token), or the next block's tokens read it from the prompts."""
+  config = _config('prompt', prompt={'length': P, 'init': 'uniform'})
+  module = _Stack()
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  keys_only = layers.padding_mask(jnp.array([[1] * 6, [1] * 4 + [0] * 2]))   # (B, 1, 1, S)
+  per_query = jnp.broadcast_to(keys_only, (2, 1, 6, 6))
+  causal = jnp.logical_and(per_query, jnp.tril(jnp.ones((6, 6), bool)))
+  with methods.applied(config):
+    params = nn.unbox(module.init(jax.random.key(1), x, keys_only))['params']
+    run = jax.jit(lambda x, mask: module.apply({'params': params}, x, mask))
+    expected = run(x, keys_only)
+    out = run(x, per_query)
+    noise = jax.random.normal(jax.random.key(2), x.shape)   # not a constant: LayerNorm removes it
+    padding_changed = run(x.at[1, 4:].add(noise[1, 4:]), per_query)
+    later_changed = run(x.at[:, 3:].add(noise[:, 3:]), causal), run(x, causal)
+  np.testing.assert_allclose(out, expected, atol=1e-6)   # the same mask, broadcast
+  np.testing.assert_allclose(padding_changed[1, :4], out[1, :4], atol=1e-6)
+  np.testing.assert_allclose(later_changed[0][:, :3], later_changed[1][:, :3], atol=1e-6)
+  assert float(jnp.abs(later_changed[0][:, 3:] - later_changed[1][:, 3:]).max()) > 1e-3
+
+
 def _clip_inputs():
   cfg = clip.PRESETS['clip-tiny'].text_config
   body = jax.random.randint(jax.random.key(1), (2, 6), 2, 1000)
@@ -409,3 +463,25 @@ def test_the_trainer_trains_exactly_the_added_parameters(tmp_path, method):
   assert summary['adapt_method'] == method
   assert summary['trainable_params'] == sum(v.size for v in trained.values())
   assert summary['trainable_params'] < summary['total_params']
+
+
+# ------------------------------------------------------------------------------------------------
+# EWC.
+
+
+def test_ewc_refuses_a_loss_that_one_example_cannot_move():
+  """A contrastive loss scores each example against the others of its batch: alone, an example
+  is its own only candidate (loss log 1 = 0), so every per-example gradient is 0 and F = 0
+  would make the penalty hold nothing."""
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(4, 3)).astype(np.float32),
+           'text': rng.normal(size=(4, 3)).astype(np.float32)}
+  params = {'w': jnp.asarray(rng.normal(size=(3, 3)).astype(np.float32))}
+
+  def contrastive(params, batch):   # row i's positive is text i, the other rows its negatives
+    logits = batch['image'] @ params['w'] @ batch['text'].T
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(len(logits))).mean()
+
+  assert float(jnp.abs(jax.grad(contrastive)(params, batch)['w']).max()) > 1e-3  # the batch's does
+  with pytest.raises(ValueError, match='in-batch negatives'):
+    ewc.fisher_diagonal(contrastive, params, [batch])

@@ -1,5 +1,6 @@
 """PEFT export: adapters that huggingface peft loads onto the transformers model with our logits,
-merged exports that transformers loads with the same logits, adapter-only checkpoints."""
+merged exports that transformers loads with the same logits, adapter-only checkpoints, and the
+refusal of what an export would get wrong or drop."""
 
 import dataclasses
 import json
@@ -318,3 +319,39 @@ def test_what_peft_cannot_hold_is_refused(tmp_path):
   assert 'use_bias' in peft_export.unsupported(no_bias)
   with pytest.raises(ValueError, match='use_bias'):
     peft_export.save_merged(no_bias, params, adapt, str(tmp_path / 'c'))
+
+
+def test_exports_refuse_a_config_that_does_not_fit_the_parameters(tmp_path):
+  """Another run's config.adapt is refused, not applied: at another rank the merge would scale
+  the branches by the wrong alpha / r, and DoRA magnitudes, LoRA branches under a non-LoRA
+  method, or Houlsby adapters would be left out of the checkpoint without a word."""
+  folder = gpt2_folder(tmp_path / 'gpt2', vocab=101, layers_n=1)
+  module, variables = ptm_jax.from_pretrained(folder)
+  inputs = module.example_inputs()
+  lora_keys = {'rank': RANK, 'alpha': ALPHA}
+  lora_config = ml_collections.ConfigDict({'method': 'lora', 'lora': lora_keys})
+  params = adapted(module, variables['params'], lora_config, inputs)
+  default_rank = ml_collections.ConfigDict({'method': 'lora', 'lora': {'alpha': ALPHA}})  # r 8
+  for save in (peft_export.save_adapter, peft_export.save_merged):
+    with pytest.raises(ValueError, match=f'rank {RANK} but config.adapt.lora.rank is 8'):
+      save(module, params, default_rank, str(tmp_path / 'out'))
+  with pytest.raises(ValueError, match=r"no tensor in a gpt2 transformers checkpoint.*lora_a"
+                                       r".*here 'full'"):
+    peft_export.save_merged(module, params, {'method': 'full'}, str(tmp_path / 'out'))
+
+  dora_config = ml_collections.ConfigDict({'method': 'dora', 'lora': lora_keys})
+  dora_params = adapted(module, variables['params'], dora_config, inputs)
+  for save in (peft_export.save_adapter, peft_export.save_merged):
+    with pytest.raises(ValueError, match="'lora' but the parameters hold DoRA magnitudes"):
+      save(module, dora_params, lora_config, str(tmp_path / 'out'))
+    with pytest.raises(ValueError, match="'dora' but the parameters lack DoRA magnitudes"):
+      save(module, params, dora_config, str(tmp_path / 'out'))
+
+  houlsby = ml_collections.ConfigDict({'method': 'adapter', 'adapter': {'bottleneck': 4}})
+  with methods.applied(houlsby):
+    fresh = nn.unbox(module.init(jax.random.key(1), **inputs))['params']
+  houlsby_params = adapt_rules.unflatten({**adapt_rules.flatten(fresh),
+                                          **adapt_rules.flatten(variables['params'])})
+  with pytest.raises(ValueError, match=r"adapter_down_kernel.*here 'adapter'"):
+    peft_export.save_merged(module, houlsby_params, houlsby, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()   # nothing written by a refused export

@@ -50,8 +50,11 @@ class Adapter:
   def __post_init__(self):
     if self.bottleneck < 1:
       raise ValueError(f'config.adapt.adapter.bottleneck must be >= 1, got {self.bottleneck}.')
-    if self.init_std < 0:
-      raise ValueError(f'config.adapt.adapter.init_std must be >= 0, got {self.init_std}.')
+    # 0 would be a fixed point: with W_down = 0 (and W_up = 0) the bottleneck is gelu(0) = 0 and
+    # neither kernel ever gets a gradient; only adapter_up_bias would train.
+    if not self.init_std > 0:
+      raise ValueError(f'config.adapt.adapter.init_std must be > 0 (W_down ~ N(0, init_std); at '
+                       f'0 the adapter never trains), got {self.init_std}.')
 
   @classmethod
   def from_config(cls, adapt_config: ml_collections.ConfigDict) -> 'Adapter':

@@ -37,6 +37,14 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Iterable[dict]):
   if not count:
     raise ValueError('fisher_diagonal got no batch: give the source task some data '
                      '(config.adapt.source) or fewer config.adapt.ewc.fisher_batches.')
+  # A loss that scores an example against the others of its batch (CLIP's contrastive loss: a
+  # batch of one is its own only candidate, loss log 1 = 0) has no gradient for one example
+  # alone: F = 0 everywhere, and the penalty would hold nothing, silently.
+  if not any(bool(jnp.any(t != 0)) for t in jax.tree.leaves(total)):
+    raise ValueError('Every per-example gradient of the source loss is zero, so EWC would hold '
+                     'no parameter: the loss of a single example does not depend on the '
+                     'parameters (a contrastive loss needs its in-batch negatives). Use '
+                     'config.adapt.rehearsal for this objective instead of EWC.')
   return jax.tree.map(lambda t: t / count, total)
 
 

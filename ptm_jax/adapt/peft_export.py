@@ -309,6 +309,29 @@ def _modules_to_save(params: dict, flat: dict, adapt_config, lookup: _Rules,
   return tensors, names
 
 
+def _check_branches(flat: dict, spec: lora.LowRank):
+  """Refuses low-rank leaves that `spec` (config.adapt) does not describe.
+
+  Another run's config would go unnoticed otherwise: branches of another rank would be scaled
+  by that config's alpha / r (a silently wrong merge), DoRA magnitudes under method 'lora' would
+  be left out of both exports.
+  """
+  ranks = sorted({int(v.shape[-1]) for p, v in flat.items() if p.endswith('/lora_a')})
+  if not ranks:
+    raise ValueError('The parameters hold no LoRA branch (lora_a / lora_b): pass the adapted '
+                     'tree, e.g. rules.combine(trainable, frozen) of the run.')
+  if ranks != [spec.rank]:
+    raise ValueError(f'The parameters hold LoRA branches of rank {", ".join(map(str, ranks))} '
+                     f'but config.adapt.lora.rank is {spec.rank}, so their scale alpha / r '
+                     '(rsLoRA: alpha / sqrt(r)) would be wrong: pass the config.adapt of the run '
+                     'that trained them.')
+  has_magnitude = any(p.endswith('/dora_magnitude') for p in flat)
+  if has_magnitude != (spec.method == 'dora'):
+    raise ValueError(f'config.adapt.method is {spec.method!r} but the parameters '
+                     f'{"hold" if has_magnitude else "lack"} DoRA magnitudes (dora_magnitude): '
+                     'pass the config.adapt of the run that trained them.')
+
+
 def adapter_tensors(module: nn.Module, params, adapt_config) -> tuple[dict, dict]:
   """(safetensors dict, adapter_config.json dict without the base model's name)."""
   config = adapt_config_lib.merged_config(adapt_config)
@@ -322,9 +345,7 @@ def adapter_tensors(module: nn.Module, params, adapt_config) -> tuple[dict, dict
   params = jax.tree.map(np.asarray, nn.unbox(params))
   plain = _plain_tree(params)
   flat = adapt_rules.flatten(plain)
-  if not any(p.endswith('/lora_a') for p in flat):
-    raise ValueError('The parameters hold no LoRA branch (lora_a / lora_b): pass the adapted '
-                     'tree, e.g. rules.combine(trainable, frozen) of the run.')
+  _check_branches(flat, spec)
   lookup = _Rules(module)
   tensors, rank_pattern, alpha_pattern, fan_in_fan_out, targets = _low_rank_tensors(
       flat, lookup, spec)
@@ -388,17 +409,36 @@ def save_merged(module: nn.Module, params, adapt_config, out_dir: str, *,
   input embedding that a decoder is tied to (GPT-2's wte under the LM head) changes the
   decoder once merged, as PEFT's own merge does; the adapted model's decoder reads the base
   table.
+
+  A parameter that the checkpoint has no tensor for is refused, not dropped: the leaves of
+  adapters, prefixes and prompts (computation that no base weight holds: keep the adapted tree
+  and run it in methods.applied), and LoRA leaves under a config.adapt.method outside the LoRA
+  family, which would not be folded in.
   """
   reason = unsupported(module)
   if reason:
     raise ValueError(f'No transformers format for this model: {reason}')
+  config = adapt_config_lib.merged_config(adapt_config)
   plain = _plain_tree(params)
-  family = pretrained.family_for_module(module)
-  tied = _TIED_EMBEDDINGS.get((family.name, getattr(module, 'head', None)))
+  if config.method in adapt_config_lib.LOW_RANK:
+    _check_branches(adapt_rules.flatten(plain), lora.LowRank.from_config(config))
+  lookup = _Rules(module)
+  family = lookup.family
+  tied = _TIED_EMBEDDINGS.get((family.name, lookup.head))
   if tied and any(p.split('/')[-2:] == [tied, 'lora_a'] for p in adapt_rules.flatten(plain)):
     log.warning('LoRA on %s, which the decoder shares: the merged model\'s decoder includes '
                 'the delta, the adapted model\'s does not (as with PEFT\'s own merge).', tied)
-  merged = methods.merge(plain, adapt_config)
+  merged = methods.merge(plain, config)
+  # save_pretrained writes the checkpoint's tensors and reads nothing else.
+  unsaved = sorted(p for p in adapt_rules.flatten(merged) if p not in lookup.by_path)
+  if unsaved:
+    raise ValueError(
+        f'{len(unsaved)} parameters have no tensor in a {family.name} transformers checkpoint, '
+        f'so the merged export would drop them: {", ".join(unsaved[:4])}'
+        f'{", ..." if len(unsaved) > 4 else ""}. Only LoRA-family branches fold into the base '
+        f'weights (config.adapt.method lora, dora or qlora, as the run had it; here '
+        f'{config.method!r}); adapters, prefixes and prompts add computation that no base '
+        'weight holds: keep the adapted tree and run it inside methods.applied.')
   variables = {'params': merged}
   if other_variables:
     variables.update(_plain_tree(other_variables))

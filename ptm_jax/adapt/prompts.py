@@ -159,13 +159,20 @@ def _layer_index(module, method: str) -> int:
 
 
 def _with_visible(mask, p: int, queries_too: bool = False):
-  """mask (..., T, S) with P always-visible keys in front (and P query rows, if asked)."""
+  """mask (..., T, S) with P always-visible keys in front (and P query rows, if asked).
+
+  A query row of a prompt sees the P prompts and the keys that EVERY query may see: what a
+  prompt gathers, all the tokens read from it in the next block, so a key hidden from some
+  query (padding; a later token under a causal or block mask) must stay hidden from the
+  prompts too. For a padding mask (..., 1, S) that is the mask itself.
+  """
   if mask is None:
     return None
   mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], p), bool), mask.astype(bool)], axis=-1)
   if queries_too and mask.shape[-2] > 1:
-    mask = jnp.concatenate([jnp.ones((*mask.shape[:-2], p, mask.shape[-1]), bool), mask],
-                           axis=-2)
+    seen_by_all = jnp.all(mask, axis=-2, keepdims=True)                    # (..., 1, P + S)
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(seen_by_all, (*mask.shape[:-2], p, mask.shape[-1])), mask], axis=-2)
   return mask
 
 
