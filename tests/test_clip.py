@@ -1,6 +1,7 @@
 """CLIP: parity with transformers' CLIPModel in both directions, the encode_* and zero-shot
 helpers, config.json reading (nested and legacy sub-configs) and clear errors."""
 
+import dataclasses
 import json
 
 import jax
@@ -172,16 +173,40 @@ def test_save_pretrained_loads_in_transformers(case, tmp_path):
   assert max(jax.tree.leaves(same)) == 0.0
 
 
+def _as_transformers_reads(hf: dict) -> dict:
+  """Our sub-config fields, under their config.json names, as transformers' CLIPConfig has them."""
+  theirs = transformers.CLIPConfig(**hf)
+  out = {}
+  for name, cls in (('text_config', clip.CLIPTextConfig), ('vision_config', clip.CLIPVisionConfig)):
+    sub = getattr(theirs, name)
+    for field in dataclasses.fields(cls):
+      value = getattr(sub, cls.HF_NAMES.get(field.name, field.name))
+      out[name, field.name] = value[0] if isinstance(value, (list, tuple)) else value
+  return out
+
+
 def test_config_from_hf_nested_and_legacy_dicts():
-  hf = small_config(REAL_EOS).to_dict()
-  # Old configs (openai/clip-vit-large-patch14) repeat sizes in *_dict, which win.
-  hf['text_config_dict'] = {'num_hidden_layers': 3}
-  hf['vision_config_dict'] = {'image_size': [64, 64]}
+  def assert_reads_as_transformers(config, hf):
+    for (name, field), value in _as_transformers_reads(hf).items():
+      assert getattr(getattr(config, name), field) == value, (name, field)
+
+  hf = small_config(LEGACY_EOS).to_dict()
+  nested = clip_hub.FAMILY.config(hf)
+  assert_reads_as_transformers(nested, hf)
+  assert nested.text_config.eos_token_id == LEGACY_EOS and nested.text_config.hidden_size == 40
+  # Old configs (openai/clip-vit-large-patch14) repeat sizes in *_dict. transformers completes
+  # such a dict with the defaults and lets all of it replace the nested config: fields the dict
+  # leaves out (intermediate_size 37, eos_token_id 2) take the defaults (2048, 49407).
+  hf['text_config_dict'] = {'num_hidden_layers': 3, 'hidden_size': 40, 'vocab_size': VOCAB}
+  hf['vision_config_dict'] = {'image_size': [64, 64], 'hidden_size': 48}
+  config = clip_hub.FAMILY.config(hf)
+  assert_reads_as_transformers(config, hf)
+  assert config.text_config.num_layers == 3 and config.text_config.intermediate_size == 2048
+  assert config.text_config.eos_token_id == 49407 and config.vision_config.image_size == 64
+  assert config.vision_config.patch_size == 32  # the default, not the nested 8
+  # Overrides come last.
   config = clip_hub.FAMILY.config(hf, vision_config={'patch_size': 16}, projection_dim=12)
-  assert config.text_config.num_layers == 3
-  assert config.text_config.hidden_size == 40
-  assert config.text_config.eos_token_id == REAL_EOS
-  assert config.vision_config.image_size == 64 and config.vision_config.patch_size == 16
+  assert config.vision_config.patch_size == 16 and config.vision_config.image_size == 64
   assert config.projection_dim == 12
   assert config.logit_scale_init_value == 2.0
   with pytest.raises(ValueError, match='Unknown CLIPVisionConfig fields.*patch'):
@@ -204,6 +229,9 @@ def test_bad_input_gets_a_clear_error(case):
     module.apply(variables, pixel_values=case['pixels'])  # NCHW by mistake
   with pytest.raises(ValueError, match='truncate the input to 16 tokens'):
     module.apply(variables, input_ids=np.zeros((1, 17), np.int32))
+  with pytest.raises(ValueError, match=r'attention_mask has shape \(3, 10\) but input_ids has '
+                     r'\(3, 11\)'):
+    module.apply(variables, input_ids=case['ids'], attention_mask=case['mask'][:, 1:])
   with pytest.raises(ValueError, match=r'class_embeds must be \(num_classes, 24\)'):
     module.apply(variables, jax_inputs(case)['pixel_values'], np.zeros((3, 5)),
                  method='zero_shot_logits')

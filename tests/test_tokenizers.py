@@ -244,6 +244,14 @@ def test_gpt2_matches_transformers_and_reference(tmp_path):
   eot = vocab['<|endoftext|>']
   assert batch['input_ids'][0, -1] == eot and batch['attention_mask'][0, -1] == 0
   assert batch['attention_mask'][1].all()
+  # add_bos_token: <|endoftext|> starts each text of a pair, and the second has type id 1.
+  write_json(tmp_path / 'tokenizer_config.json', {'add_bos_token': True})
+  ours = ptm_jax.load_tokenizer(str(tmp_path))
+  theirs = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
+  for a, b in zip(SENTENCES[:8], SENTENCES[11:19]):  # (transformers takes a pair ('a', '') as 'a')
+    encoding, expected = ours.encode(a, b), theirs(a, b, return_token_type_ids=True)
+    assert encoding.ids == expected['input_ids'] and encoding.ids[0] == eot, (a, b)
+    assert encoding.type_ids == expected['token_type_ids'], (a, b)
 
 
 def test_clip_matches_transformers_and_reference(tmp_path):
@@ -257,6 +265,66 @@ def test_clip_matches_transformers_and_reference(tmp_path):
   # Truncation keeps the end-of-text token that CLIP pools at.
   ids = tk.encode_batch(ours, [SENTENCES[1]], max_length=8)['input_ids'][0]
   assert ids.tolist() == clip_reference(SENTENCES[1], vocab, merges)[:7] + [vocab['<|endoftext|>']]
+  # Decoding turns the '</w>' word ends into spaces, as transformers does, whether the tokenizer
+  # is built from the vocabulary or read from the tokenizer.json transformers writes.
+  theirs.save_pretrained(str(tmp_path / 'json'))
+  from_json = ptm_jax.load_tokenizer(str(tmp_path / 'json'))
+  for text in SENTENCES:
+    ids = ours.encode(text).ids
+    expected = theirs.decode(ids, skip_special_tokens=True)
+    assert '</w>' not in expected
+    assert ours.decode(ids) == from_json.decode(ids) == expected, text
+  assert ours.decode([]) == '' and ours.decode(ours.encode('').ids) == ''
+
+
+def test_truncation_side_and_a_call_max_length(tmp_path):
+  """tokenizer_config.json's truncation_side holds, also when encode_batch shortens a call."""
+  write_bert_folder(tmp_path, lowercase=True)
+  config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
+  write_json(tmp_path / 'tokenizer_config.json', {**config, 'truncation_side': 'left'})
+  fast = transformers.BertTokenizer.from_pretrained(str(tmp_path))
+  assert fast.truncation_side == 'left'
+  expected = fast(SENTENCES, padding=True, truncation=True, max_length=12)
+  loaded_short = tk.encode_batch(ptm_jax.load_tokenizer(str(tmp_path), max_length=12), SENTENCES)
+  tokenizer = ptm_jax.load_tokenizer(str(tmp_path))
+  call_short = tk.encode_batch(tokenizer, SENTENCES, max_length=12)
+  for ours in (loaded_short, call_short):
+    for key in ('input_ids', 'attention_mask', 'token_type_ids'):
+      np.testing.assert_array_equal(ours[key], np.array(expected[key]), err_msg=key)
+  assert tokenizer.truncation['max_length'] == 512 and tokenizer.truncation['direction'] == 'left'
+  with pytest.raises(ValueError, match="truncation_side 'top'"):
+    write_json(tmp_path / 'tokenizer_config.json', {**config, 'truncation_side': 'top'})
+    ptm_jax.load_tokenizer(str(tmp_path))
+
+
+def test_max_length_leaves_room_for_the_text(tmp_path):
+  """Below the special tokens' count the tokenizers library would truncate nothing at all."""
+  write_bert_folder(tmp_path, lowercase=True)
+  with pytest.raises(ValueError, match=r'max_length must be at least 3 \(one token for the text '
+                     r'beside the 2 special tokens\), not 1'):
+    ptm_jax.load_tokenizer(str(tmp_path), max_length=1)
+  tokenizer = ptm_jax.load_tokenizer(str(tmp_path))
+  with pytest.raises(ValueError, match='at least 3'):
+    tk.encode_batch(tokenizer, ['hello world'], max_length=2)
+  with pytest.raises(ValueError, match='at least 5 .one token for each text of a pair beside'):
+    tk.encode_batch(tokenizer, [('hello world', 'again')], max_length=4)
+  # The least lengths truncate as asked.
+  assert tk.encode_batch(tokenizer, ['hello world'], max_length=3)['input_ids'].shape == (1, 3)
+  pair = tk.encode_batch(tokenizer, [('hello world', 'again and again')], max_length=5)
+  assert pair['token_type_ids'].tolist() == [[0, 0, 0, 1, 1]]
+
+
+def test_sentence_transformers_do_lower_case(tmp_path):
+  """sentence_bert_config.json's do_lower_case: sentence-transformers lowercases the texts."""
+  write_bert_folder(tmp_path, lowercase=False)  # a cased vocabulary
+  cased = ptm_jax.load_tokenizer(str(tmp_path))
+  write_json(tmp_path / 'sentence_bert_config.json', {'max_seq_length': 500, 'do_lower_case': True})
+  lowering = ptm_jax.load_tokenizer(str(tmp_path))
+  assert lowering.truncation['max_length'] == 500
+  for text in SENTENCES:
+    if '[MASK]' not in text:  # a special token written in the text stays special here
+      assert lowering.encode(text).ids == cased.encode(text.lower()).ids, text
+  assert lowering.encode(SENTENCES[8]).ids != cased.encode(SENTENCES[8]).ids
 
 
 def test_kind_from_config_and_files(tmp_path):

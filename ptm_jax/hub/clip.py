@@ -2,7 +2,10 @@
 
 config.json nests `text_config` and `vision_config` dicts, so this family reads its config with
 its own `config_from_hf`. Old configs (openai/clip-vit-large-patch14) also carry
-`text_config_dict` / `vision_config_dict`, whose values win, as in transformers.
+`text_config_dict` / `vision_config_dict`; as in transformers, such a dict, completed with the
+sub-config's defaults, then replaces every field of `text_config` / `vision_config`. That is how
+clip-vit-large-patch14's `text_config.eos_token_id: 2` gives way to the default 49407 (so the
+text is pooled at its first EOS, not at its largest id).
 """
 
 import dataclasses
@@ -32,8 +35,10 @@ def config_from_hf(config_cls, hf: dict, **overrides) -> clip.CLIPConfig:
   be a sub-config or a dict of its fields to change."""
   subs = {}
   for name, cls in _SUB_CONFIGS.items():
-    hf_sub = dict(hf.get(name) or {})
-    hf_sub.update(hf.get(f'{name}_dict') or {})
+    legacy = hf.get(f'{name}_dict')
+    # transformers builds a whole sub-config from *_dict (defaults for what it leaves out) and
+    # lets all of it override the nested dict; our defaults are transformers'.
+    hf_sub = dict(hf.get(name) or {}) if legacy is None else dict(legacy)
     sub = _sub_config_from_hf(cls, hf_sub)
     change = overrides.pop(name, None)
     if isinstance(change, dict):

@@ -11,8 +11,9 @@ The kind comes from tokenizer_config.json's tokenizer_class, else config.json's 
 from the files themselves.
 
 Truncation and padding stored in tokenizer.json are ignored (as transformers does); they are set
-from `max_length` and `padding` instead. `encode_batch` turns texts into the int32 arrays that
-module.apply takes.
+from `max_length` and `padding` instead, on the sides that tokenizer_config.json's
+truncation_side and padding_side name (right by default). `encode_batch` turns texts into the
+int32 arrays that module.apply takes.
 """
 
 import json
@@ -179,7 +180,7 @@ def _gpt2(folder: str, settings: dict) -> tokenizers.Tokenizer:
   if settings.get('add_bos_token', False):
     bos_id = _token_id(tok, bos, folder, 'bos')
     tok.post_processor = processors.TemplateProcessing(
-        single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, bos_id)])
+        single=f'{bos}:0 $A:0', pair=f'{bos}:0 $A:0 {bos}:1 $B:1', special_tokens=[(bos, bos_id)])
   else:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
   return tok
@@ -198,6 +199,7 @@ def _clip(folder: str, settings: dict) -> tokenizers.Tokenizer:
       pre_tokenizers.Split(tokenizers.Regex(_CLIP_WORDS), behavior='removed', invert=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tok.decoder = decoders.ByteLevel()
+  _decode_word_ends(tok)
   bos = _special(settings, 'bos_token', '<|startoftext|>')
   eos = _special(settings, 'eos_token', '<|endoftext|>')
   _add_special_tokens(tok, settings, [bos, eos, unk, _special(settings, 'pad_token', eos)], folder)
@@ -207,16 +209,37 @@ def _clip(folder: str, settings: dict) -> tokenizers.Tokenizer:
   return tok
 
 
+def _decode_word_ends(tok: tokenizers.Tokenizer):
+  """Decoding turns CLIP's '</w>' word ends into spaces, but none after the last word, as
+  transformers' CLIPTokenizer does to its decoded text (a ByteLevel decoder alone keeps them:
+  'a</w>photo</w>')."""
+  suffix = getattr(tok.model, 'end_of_word_suffix', None)
+  if not suffix:
+    return
+  if tok.decoder is None:
+    tok.decoder = decoders.BPEDecoder(suffix)
+  elif isinstance(tok.decoder, decoders.ByteLevel):
+    # BPEDecoder writes the spaces; the byte-level alphabet spells a space 'Ġ' (U+0120), so
+    # they are respelled before the bytes are decoded. (A Strip decoder after ByteLevel would
+    # drop the trailing space, but panics on an empty text.)
+    tok.decoder = decoders.Sequence([decoders.BPEDecoder(suffix), decoders.Replace(' ', '\u0120'),
+                                     tok.decoder])
+
+
 _BUILDERS = {'bert': _bert, 'gpt2': _gpt2, 'clip': _clip}
 _PAD_DEFAULTS = {'bert': '[PAD]', 'gpt2': None, 'clip': '<|endoftext|>'}
 
 
 def _default_max_length(folder: str, settings: dict) -> int | None:
   """sentence_bert_config.json's max_seq_length, else tokenizer_config.json's model_max_length."""
-  length = _read_json(os.path.join(folder, 'sentence_bert_config.json')).get('max_seq_length')
+  length = _sentence_transformers_config(folder).get('max_seq_length')
   if length is None:
     length = settings.get('model_max_length')
   return int(length) if length is not None and length < _NO_LIMIT else None
+
+
+def _sentence_transformers_config(folder: str) -> dict:
+  return _read_json(os.path.join(folder, 'sentence_bert_config.json'))
 
 
 def _pad_token(tok: tokenizers.Tokenizer, settings: dict, kind: str | None) -> str | None:
@@ -235,12 +258,15 @@ def load_tokenizer(path: str, max_length: int | None = None, padding: bool | str
                    kind: str | None = None, revision: str | None = None) -> tokenizers.Tokenizer:
   """A `tokenizers.Tokenizer` for a checkpoint folder (or hub id).
 
+  A sentence_bert_config.json whose do_lower_case is true lowercases every text first, as
+  sentence-transformers does (a special token written in a text, '[MASK]', stays special).
+
   Args:
     path: a folder with tokenizer.json, or with vocab.txt (BERT) or vocab.json + merges.txt
       (GPT-2, CLIP) and optionally tokenizer_config.json / special_tokens_map.json; or a hub id.
-    max_length: truncate to this many tokens, special tokens included. None takes
-      sentence_bert_config.json's max_seq_length, else tokenizer_config.json's model_max_length,
-      else no truncation.
+    max_length: truncate to this many tokens, special tokens included, on
+      tokenizer_config.json's truncation_side (right). None takes sentence_bert_config.json's
+      max_seq_length, else tokenizer_config.json's model_max_length, else no truncation.
     padding: True or 'longest' pads each batch to its longest member; 'max_length' pads to
       max_length; False pads nothing. The side is tokenizer_config.json's padding_side (right).
     kind: build from vocabulary files as this kind (one of KINDS) whatever the configs say.
@@ -259,6 +285,8 @@ def load_tokenizer(path: str, max_length: int | None = None, padding: bool | str
   tokenizer_json = os.path.join(folder, 'tokenizer.json')
   if kind is None and os.path.exists(tokenizer_json):
     tok = tokenizers.Tokenizer.from_file(tokenizer_json)
+    if _CLASS_KINDS.get(settings.get('tokenizer_class')) == 'clip':
+      _decode_word_ends(tok)  # CLIP's tokenizer.json has a ByteLevel decoder only
   else:
     has = lambda k: all(os.path.exists(os.path.join(folder, f)) for f in _FILES[k])
     if kind is None and not (has('bert') or has('gpt2')):
@@ -271,14 +299,17 @@ def load_tokenizer(path: str, max_length: int | None = None, padding: bool | str
                               f'{" + ".join(_FILES[kind])}.')
     tok = _BUILDERS[kind](folder, settings)
 
+  if _sentence_transformers_config(folder).get('do_lower_case'):
+    # sentence-transformers lowercases the texts before its tokenizer sees them.
+    steps = [] if tok.normalizer is None else [tok.normalizer]
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + steps)
   tok.no_truncation()
   tok.no_padding()
   if max_length is None:
     max_length = _default_max_length(folder, settings)
   if max_length is not None:
-    if max_length < 1:
-      raise ValueError(f'max_length must be positive, not {max_length}.')
-    tok.enable_truncation(max_length)
+    _check_max_length(tok, max_length)
+    tok.enable_truncation(max_length, direction=_side(settings, 'truncation_side', folder))
   if padding == 'max_length' and max_length is None:
     raise ValueError(f"padding='max_length' needs max_length: {folder} sets no length.")
   if padding:
@@ -286,13 +317,31 @@ def load_tokenizer(path: str, max_length: int | None = None, padding: bool | str
     if pad is None:
       raise ValueError(f'{folder}: no pad token found in the vocabulary; set pad_token in '
                        'tokenizer_config.json or pass padding=False.')
-    side = settings.get('padding_side', 'right')
-    if side not in ('right', 'left'):
-      raise ValueError(f"{folder}: padding_side {side!r} in tokenizer_config.json is not 'right' "
-                       "or 'left'.")
-    tok.enable_padding(direction=side, pad_id=tok.token_to_id(pad), pad_token=pad,
+    tok.enable_padding(direction=_side(settings, 'padding_side', folder),
+                       pad_id=tok.token_to_id(pad), pad_token=pad,
                        length=max_length if padding == 'max_length' else None)
   return tok
+
+
+def _side(settings: dict, key: str, folder: str) -> str:
+  """tokenizer_config.json's padding_side or truncation_side: 'right' (the default) or 'left'."""
+  side = settings.get(key) or 'right'
+  if side not in ('right', 'left'):
+    raise ValueError(f"{folder}: {key} {side!r} in tokenizer_config.json is not 'right' or "
+                     "'left'.")
+  return side
+
+
+def _check_max_length(tok: tokenizers.Tokenizer, max_length: int, pair: bool = False):
+  """max_length must leave room for one token of each text beside the special tokens: below
+  the special tokens' count the `tokenizers` library silently truncates nothing at all."""
+  special = tok.num_special_tokens_to_add(pair)
+  least = special + (2 if pair else 1)
+  if max_length < least:
+    texts = 'each text of a pair' if pair else 'the text'
+    beside = f' beside the {special} special tokens' if special else ''
+    raise ValueError(f'max_length must be at least {least} (one token for {texts}{beside}), '
+                     f'not {max_length}.')
 
 
 def encode_batch(tokenizer: tokenizers.Tokenizer, texts: Sequence[str | tuple[str, str]],
@@ -302,16 +351,22 @@ def encode_batch(tokenizer: tokenizers.Tokenizer, texts: Sequence[str | tuple[st
 
   Returns {'input_ids', 'attention_mask', 'token_type_ids'}, each (B, T), T the longest encoding
   rounded up to `pad_to_multiple_of` (fixed lengths mean fewer jit recompiles). `max_length`
-  truncates for this call only. Padding uses the tokenizer's pad token, else id 0; the attention
-  mask is 0 there either way.
+  truncates for this call only (on the tokenizer's truncation side). Padding uses the
+  tokenizer's pad token, else id 0; the attention mask is 0 there either way. Only BERT takes
+  token_type_ids: GPT-2 and CLIP take input_ids and attention_mask (drop the third key).
   """
   if isinstance(texts, str):
     raise TypeError('encode_batch takes a list of texts; wrap a single text in a list.')
+  texts = list(texts)
   truncation = tokenizer.truncation
+  length = max_length if max_length is not None else (truncation or {}).get('max_length')
+  if length is not None:
+    _check_max_length(tokenizer, length, pair=any(not isinstance(t, str) for t in texts))
   if max_length is not None:
-    tokenizer.enable_truncation(max_length)
+    # Only the length changes: the side and strategy stay the tokenizer's.
+    tokenizer.enable_truncation(**{**(truncation or {}), 'max_length': max_length})
   try:
-    encodings = tokenizer.encode_batch(list(texts))
+    encodings = tokenizer.encode_batch(texts)
   finally:
     if max_length is not None:
       if truncation is None:

@@ -159,7 +159,8 @@ def generate(module: nn.Module, params, input_ids_BxT, max_new_tokens: int, *,
     input_ids_BxT: int prompts, left-padded when attention_mask is given.
     rng: a jax.random key; needed unless greedy. Step i samples with fold_in(rng, i).
     temperature, top_k, top_p: sampling as in transformers (temperature, then top-k, then
-      nucleus). greedy: argmax instead.
+      nucleus); None turns top-k / top-p off. transformers' generate(do_sample=True) has
+      top_k=50 unless told otherwise: pass top_k=50 for its default. greedy: argmax instead.
     attention_mask: (B, T) 1/0 for prompts of different lengths, padded on the left.
     eos_token_id: a row that emits it is finished and then emits pad_token_id (default: eos).
     use_cache: False recomputes the full forward each step (see uncached_generate).
