@@ -4,6 +4,13 @@ import numpy as np
 import torch
 
 
+# Max abs difference from transformers' float32 outputs for the tiny transformer models (BERT,
+# GPT-2, ViT; matmul precision 'highest'): they reach about 1.5e-6. 1e-4 let a wrong model
+# through: BERT with LayerNorm eps 1e-6 instead of 1e-12 was off by 2.4e-5, its classification
+# logits with tanh GELU instead of erf by 3.4e-5.
+TOLERANCE = 1e-5
+
+
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1):
   """Adds noise to every float parameter and buffer, so that LayerNorm scales, biases and
   BatchNorm statistics are not their trivial initial values. Variances stay positive."""
@@ -18,6 +25,17 @@ def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1):
       else:
         t.add_(noise)
   return model
+
+
+def assert_same_weights(reloaded: torch.nn.Module, reference: torch.nn.Module):
+  """Every parameter and buffer of `reference` is in `reloaded`, bit for bit: a float32 round
+  trip through the Flax layouts (transposes and reshapes) is exact, so any difference, in a
+  weight the compared outputs use or not, is a conversion bug. (num_batches_tracked is not
+  kept.)"""
+  state = reloaded.state_dict()
+  for key, value in reference.state_dict().items():
+    if not key.endswith('num_batches_tracked'):
+      assert key in state and torch.equal(state[key], value), key
 
 
 def max_abs_diff(ours, theirs) -> float:

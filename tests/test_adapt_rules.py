@@ -277,8 +277,8 @@ def test_lora_dropout_on_a_resnet_with_frozen_batch_statistics():
                                              hidden_sizes=(8, 8, 8, 8), embedding_size=8),
                          head='classification')
   pixels = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  with methods.applied(config.adapt):
-    variables = nn.unbox(module.init(jax.random.key(0), pixel_values=pixels))
+  with methods.applied(config.adapt):  # jitted: one compile, not op-by-op dispatch
+    variables = nn.unbox(jax.jit(module.init)(jax.random.key(0), pixel_values=pixels))
   flat = rules.flatten(variables['params'])
   assert any(p.endswith('lora_b') for p in flat)
   keys = jax.random.split(jax.random.key(2), len(flat))

@@ -10,6 +10,9 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -52,20 +55,30 @@ def recipe(name, arg=''):
 @pytest.mark.parametrize('name', CONFIGS)
 @pytest.mark.parametrize('arg', ['', 'runlocal'])
 def test_config_builds_its_optimizer_and_schedule(name, arg):
-  """Both forms pass the trainer's key check and the optimizer's checks (no training)."""
+  """Both forms pass the trainer's key check and the optimizer's checks (no training), and the
+  schedule reaches the config's peak learning rate (at the end of its warm-up, or at ULMFiT's
+  cut) and never goes below 0."""
   config = finalize(recipe(name, arg))
-  schedule = optimizers.make_schedule(config.optimizer, config.total_steps)
-  assert optimizers.learning_rate_at(schedule, config.total_steps - 1) >= 0
+  opt, total = config.optimizer, config.total_steps
+  kernel = jax.ShapeDtypeStruct((4, 4), jnp.float32)  # something weight decay applies to
+  _, schedule = optimizers.make_optimizer(opt, total, params={'dense': {'kernel': kernel}})
+  cut = math.floor((opt.decay_steps or total) * opt.cut_frac)
+  steps = sorted({*np.linspace(0, total - 1, 50).astype(int).tolist(), opt.warmup_steps, cut})
+  rates = [optimizers.learning_rate_at(schedule, t) for t in steps]
+  assert max(rates) == pytest.approx(opt.learning_rate, rel=1e-9), (name, opt.schedule)
+  assert min(rates) >= 0
 
 
 def test_resnet50_imagenet_is_goyal_et_al_recipe():
   """Goyal et al. 2017, section 5.1: Nesterov momentum 0.9, lr 0.1 * batch / 256 after a 5-epoch
-  gradual warm-up, weight decay 1e-4 not on the BatchNorm parameters, 90 epochs."""
+  gradual warm-up, weight decay 1e-4 not on the BatchNorm parameters, zero-initialised last
+  BatchNorm scales, 90 epochs."""
   config = recipe('resnet50_imagenet')
   opt = config.optimizer
   steps_per_epoch = 1_281_167 / config.batch_size
   assert (opt.name, opt.momentum, opt.nesterov) == ('sgd', 0.9, True)
   assert opt.learning_rate == pytest.approx(0.1 * config.batch_size / 256)
+  assert config.model.zero_init_residual  # each block's last BatchNorm scale starts at 0
   assert opt.weight_decay == 1e-4 and opt.weight_decay_mask == ''   # kernels only, not BN's 1-D
   assert config.total_steps == math.ceil(90 * steps_per_epoch)
   assert opt.warmup_steps == math.ceil(5 * steps_per_epoch)

@@ -119,8 +119,11 @@ def test_central_crop_larger_than_image_is_an_error():
 
 def test_resize_and_shorter_side():
   image = noise_image(30, 45)
-  assert im.resize(image, (7, 11)).shape == (7, 11, 3)
-  assert im.resize(image, 9, 'bicubic').shape == (9, 9, 3)
+  # (h, w) is PIL's (w, h); the default is bilinear. PIL antialiases when shrinking.
+  pil = lambda size, method: np.asarray(Image.fromarray(image).resize(size, method))
+  np.testing.assert_array_equal(im.resize(image, (7, 11)), pil((11, 7), Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(im.resize(image, 9, 'bicubic'), pil((9, 9),
+                                                                     Image.Resampling.BICUBIC))
   assert im.resize_shorter_side(image, 20).shape == (20, 30, 3)
   assert im.resize_shorter_side(image.transpose(1, 0, 2), 20).shape == (30, 20, 3)
   assert im.resize_shorter_side(noise_image(3, 7, 1), 6).shape == (6, 14, 1)

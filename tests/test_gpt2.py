@@ -52,17 +52,20 @@ def test_parity_both_directions(head, tmp_path):
   ours = module.apply(variables, input_ids=ids.astype(np.int32),
                       attention_mask=mask.astype(np.int32))
   for field in FIELDS[head]:
-    assert parity.max_abs_diff(getattr(ours, field), getattr(expected, field)) <= 1e-4, field
+    assert parity.max_abs_diff(getattr(ours, field),
+                               getattr(expected, field)) <= parity.TOLERANCE, field
   if head == 'lm':  # the base output under the head is GPT2Model's
     hidden = reference.transformer(input_ids=torch.tensor(ids),
                                    attention_mask=torch.tensor(mask)).last_hidden_state
-    assert parity.max_abs_diff(ours.last_hidden_state, hidden) <= 1e-4
+    assert parity.max_abs_diff(ours.last_hidden_state, hidden) <= parity.TOLERANCE
 
   ptm_jax.save_pretrained(module, variables, str(tmp_path / 'ours'))
   reloaded = HEADS[head].from_pretrained(tmp_path / 'ours').eval()
+  parity.assert_same_weights(reloaded, reference)
   again = torch_outputs(reloaded, ids, mask)
   for field in FIELDS[head]:
-    assert parity.max_abs_diff(getattr(again, field).numpy(), getattr(expected, field)) <= 1e-5
+    # The same weights (checked above) and config: the same outputs, bit for bit.
+    assert parity.max_abs_diff(getattr(again, field).numpy(), getattr(expected, field)) == 0
 
 
 def test_hub_layout_without_prefix_with_buffers(tmp_path):
@@ -88,7 +91,7 @@ def test_hub_layout_without_prefix_with_buffers(tmp_path):
     field = 'logits' if head == 'lm' else 'last_hidden_state'
     want = expected.logits if head == 'lm' else reference.transformer(
         input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
-    assert parity.max_abs_diff(getattr(out, field), want) <= 1e-4
+    assert parity.max_abs_diff(getattr(out, field), want) <= parity.TOLERANCE
 
   # A bare GPT2Model checkpoint (no prefix) also loads under the tied LM head.
   base = tmp_path / 'base'
@@ -96,7 +99,7 @@ def test_hub_layout_without_prefix_with_buffers(tmp_path):
   module, variables = ptm_jax.from_pretrained(str(base), head='lm')
   out = module.apply(variables, input_ids=ids.astype(np.int32),
                      attention_mask=mask.astype(np.int32))
-  assert parity.max_abs_diff(out.logits, expected.logits) <= 1e-4
+  assert parity.max_abs_diff(out.logits, expected.logits) <= parity.TOLERANCE
 
 
 def test_residual_projections_init_scaled():

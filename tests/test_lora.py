@@ -115,6 +115,54 @@ def test_scale_is_alpha_over_r_or_sqrt_r():
   assert lora.LowRank(rank=16, alpha=32, rslora=True).scale == 8.0
 
 
+@pytest.mark.parametrize('method, rslora', [('lora', False), ('lora', True), ('dora', False)])
+def test_a_dense_branch_computes_the_formula(method, rslora):
+  """One nn.Dense with random A, B (and m) against the formula in numpy. LoRA:
+  y = x W0 + b + s x A B, s = alpha / r (rsLoRA: alpha / sqrt(r)); DoRA:
+  y = m / ||W0 + s A B||_c * (x W0 + s x A B) + b. (Merge = unmerged elsewhere cannot see a
+  scale or norm that forward and merge get wrong alike.)"""
+  rank, alpha = 4, 6.0
+  spec = lora.LowRank(method=method, rank=rank, alpha=alpha, rslora=rslora, targets='.')
+  s = alpha / (np.sqrt(rank) if rslora else rank)
+  dense = nn.Dense(5, name='q')
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 7)).astype(np.float32)
+  with lora.applied(spec):
+    shapes = jax.eval_shape(dense.init, jax.random.key(0), x)['params']
+    p = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in shapes.items()}
+    got = dense.apply({'params': p}, x)
+  w = p['kernel'] + s * p['lora_a'] @ p['lora_b']
+  if method == 'lora':
+    want = x @ w + p['bias']
+  else:
+    want = p['dora_magnitude'] / np.linalg.norm(w, axis=0) * (x @ w) + p['bias']
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_drops_the_branch_input_only():
+  """y = x W0 + b + s B A dropout(x): with A = I and B = [I 0], the first outputs minus the
+  undropped base are s * dropout(x), each entry 0 or x / (1 - rate)."""
+  spec = lora.LowRank(rank=4, alpha=8.0, dropout=0.5, targets='.')
+  dense = nn.Dense(6, name='q')
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 4)).astype(np.float32)
+  p = {'kernel': rng.normal(size=(4, 6)).astype(np.float32),
+       'bias': rng.normal(size=(6,)).astype(np.float32),
+       'lora_a': np.eye(4, dtype=np.float32), 'lora_b': np.eye(4, 6, dtype=np.float32)}
+  with lora.applied(spec, deterministic=False):
+    got = np.asarray(dense.apply({'params': p}, x, rngs={'dropout': jax.random.key(2)}))
+  base = x @ p['kernel'] + p['bias']
+  np.testing.assert_allclose(got[:, 4:], base[:, 4:], rtol=1e-6, atol=1e-6)
+  dropped_x = (got[:, :4] - base[:, :4]) / spec.scale
+  kept = np.abs(dropped_x) > 1e-3 * np.abs(x)
+  np.testing.assert_allclose(dropped_x[kept], 2 * x[kept], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dropped_x[~kept], 0, atol=1e-5)
+  assert 0.35 < kept.mean() < 0.65  # about half kept
+  with lora.applied(spec):  # deterministic (evaluation): no dropout
+    np.testing.assert_allclose(dense.apply({'params': p}, x)[:, :4] - base[:, :4],
+                               spec.scale * x, rtol=1e-5, atol=1e-5)
+
+
 def test_the_full_weight_delta_is_never_formed():
   """x @ A @ B: no (in, out) array is computed from A and B in the LoRA forward pass."""
   d_in, d_out, rank = 96, 80, 4
@@ -259,9 +307,12 @@ def test_targets_that_match_no_layer_fail_clearly():
     _adapted(module, spec, inputs)
 
 
-def test_an_unknown_qlora_compute_dtype_fails_clearly():
+def test_bad_qlora_settings_fail_clearly():
   with pytest.raises(ValueError, match=r"qlora\.compute_dtype must be one of .*'bf16'"):
     lora.LowRank(method='qlora', compute_dtype='bf16')
   # The trainer reads it through the config first (it becomes config.model.dtype).
   with pytest.raises(ValueError, match=r"qlora\.compute_dtype must be one of .*'bf16'"):
     adapt_config.merged_config({'method': 'qlora', 'qlora': {'compute_dtype': 'bf16'}})
+  # A block size of 0 divided by zero inside the quantiser.
+  with pytest.raises(ValueError, match=r'qlora\.block_size must be a whole number >= 1'):
+    adapt_config.merged_config({'method': 'qlora', 'qlora': {'block_size': 0}})

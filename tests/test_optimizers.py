@@ -141,8 +141,13 @@ def run_torch(optimizer_class, params, grads, groups):
   return history
 
 
-def numpy_adamw(params, grads, lr, b1, b2, eps, weight_decay, decayed):
-  """AdamW by hand in float64: bias-corrected moments, decay lr * wd * param where decayed."""
+def numpy_adamw(params, grads, lr, b1, b2, eps, weight_decay, decayed, trust_ratio=False):
+  """AdamW by hand in float64: bias-corrected moments, decay lr * wd * param where decayed.
+
+  trust_ratio: LAMB instead (You et al. 2019, algorithm 2): the step with its decay,
+  r = m_hat / (sqrt(v_hat) + eps) + wd * param, is scaled per parameter by ||param|| / ||r||
+  (1 where either norm is 0).
+  """
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in p.items()}
   v = {k: np.zeros_like(x) for k, x in p.items()}
@@ -154,7 +159,12 @@ def numpy_adamw(params, grads, lr, b1, b2, eps, weight_decay, decayed):
       m_hat = m[k] / (1 - b1 ** step)
       v_hat = v[k] / (1 - b2 ** step)
       wd = weight_decay if decayed(k) else 0.0
-      p[k] = p[k] - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * p[k])
+      r = m_hat / (np.sqrt(v_hat) + eps) + wd * p[k]
+      trust = 1.0
+      if trust_ratio:
+        p_norm, r_norm = np.linalg.norm(p[k]), np.linalg.norm(r)
+        trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+      p[k] = p[k] - lr * trust * r
     history.append(dict(p))
   return history
 
@@ -220,6 +230,23 @@ def test_adam_and_sgd_weight_decay_is_l2_like_torch():
         (lambda p: not is_matrix(p), dict(kw, weight_decay=0.0))])[-1])
     for key in got:
       np.testing.assert_allclose(got[key], by_torch[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def numpy_lamb(params, grads, lr, b1, b2, eps, weight_decay, decayed):
+  """LAMB by hand in float64 (numpy_adamw with the trust ratio)."""
+  return numpy_adamw(params, grads, lr, b1, b2, eps, weight_decay, decayed, trust_ratio=True)
+
+
+def test_lamb_matches_the_paper_by_hand():
+  params, grads = tiny_params(), tiny_grads(3)
+  transformation, _ = opt.make_optimizer(dict(ADAMW, name='lamb'), total_steps=3, params=params)
+  got = [flat(p) for p in run_optax(transformation, params, grads)]
+  by_hand = numpy_lamb(flat(params), [flat(g) for g in grads], 0.05, 0.8, 0.95, 1e-6, 0.3,
+                       is_matrix)
+  for step in range(3):
+    for key in got[step]:
+      np.testing.assert_allclose(got[step][key], by_hand[step][key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{key} at step {step}')
 
 
 def squared_norm(params):
@@ -380,8 +407,9 @@ def test_state_shardings_follow_the_parameters_with_or_without_start_steps(name)
     mirrored += leaf.shape in by_shape
     assert leaf_sharding == by_shape.get(leaf.shape, replicated), leaf.shape
   assert mirrored >= (2 if name == 'adafactor' else 3)
-  state = jax.jit(grouped.init, out_shardings=got)(params)  # the shardings fit the state
-  assert state is not None
+  # One sharding per state leaf (jit would also take a prefix tree), and they fit the state.
+  state = jax.jit(grouped.init, out_shardings=got)(params)
+  assert jax.tree.structure(got) == jax.tree.structure(state)
 
 
 def test_betas_and_nesterov_that_cannot_apply_are_config_errors():
