@@ -9,13 +9,13 @@ image-net.org, after registering) in DIR, then
 The recipe ("Accurate, Large Minibatch SGD", Goyal et al. 2017, section 5.1): SGD with Nesterov
 momentum 0.9, learning rate 0.1 per 256 images (0.4 at batch 1024) after a 5-epoch linear
 warm-up, weight decay 1e-4 (not on the BatchNorm scales and offsets; here on the conv and dense
-kernels only), 90 epochs, random-resized crops and flips at 224, eval on a central 224 crop of the
-image resized to 256. Changes: the learning rate follows a cosine instead of dropping 10x at
-epochs 30, 60 and 80 (the trainer has no step schedule); the warm-up starts from 0, not from 0.1
-(the trainer's warm-up always starts at 0); every BatchNorm scale starts at 1 (Goyal et al. start
-the last one of each residual block at 0; the model has no option for it); BatchNorm statistics
-are over the whole batch (theirs over 32 images per worker); and the model computes in bfloat16
-(parameters and BatchNorm statistics stay float32).
+kernels only), the last BatchNorm scale of each residual block starting at 0
+(`model.zero_init_residual`), 90 epochs, random-resized crops and flips at 224, eval on a central
+224 crop of the image resized to 256. Changes: the learning rate follows a cosine instead of
+dropping 10x at epochs 30, 60 and 80 (the trainer has no step schedule); the warm-up starts from
+0, not from 0.1 (the trainer's warm-up always starts at 0); BatchNorm statistics are over the whole batch
+(theirs over 32 images per worker); and the model computes in bfloat16 (parameters and BatchNorm
+statistics stay float32).
 Expected result: about 76% top-1 on the validation split; Goyal et al. report 23.74% top-1
 error at batch 8k (76.3% accuracy), as good as at batch 256, with the step schedule. On the
 order of a day on one 8-GPU machine, where decoding JPEGs on the host sets the pace (raise
@@ -37,6 +37,7 @@ def get_config(arg: str = ''):
   c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
   c.model.name = 'resnet50'
   c.model.dtype = 'bfloat16'
+  c.model.zero_init_residual = True  # Goyal et al. 5.1: each block's last BatchNorm scale at 0
   c.data.name = 'imagenet2012'
   c.data.task = 'image_classification'
   c.data.eval_split = 'validation'  # imagenet2012's test split has no labels

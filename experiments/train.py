@@ -733,12 +733,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
           record['mfu'] = utilisation
         writer.write(record)
         timer_step, timer_t = step, time.time()
-      if (config.eval_every and step % config.eval_every == 0) or done:
-        last_eval = evaluate(eval_step_fn, state, eval_loader, objective_name,
-                             config.eval_steps)
-        writer.write({'step': step, 'split': 'eval', **last_eval})
-        # The next log interval starts after the eval, in steps as in time.
-        timer_step, timer_t = step, time.time()
       # SIGTERM (one process) or JAX's preemption service (all processes agree on the step).
       preempted = checkpointer.reached_preemption(step)
       if preempted or done or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -751,7 +745,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
         if not bool(_all_finite(state['params'])):
           raise _not_finite(f'The parameters are not finite after step {step}', checkpointer,
                             workdir)
+        # Saved before this step's eval (the save is asynchronous), so an eval that fails (out
+        # of memory, say) loses no training.
         checkpointer.save(step, state, train_loader.get_state(), force=True)
+      if (config.eval_every and step % config.eval_every == 0) or done:
+        last_eval = evaluate(eval_step_fn, state, eval_loader, objective_name,
+                             config.eval_steps)
+        writer.write({'step': step, 'split': 'eval', **last_eval})
+        # The next log interval starts after the eval, in steps as in time.
+        timer_step, timer_t = step, time.time()
       if preempted:
         checkpointer.wait()
         logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved, exiting.', step)
@@ -824,9 +826,12 @@ def _all_finite(tree) -> jax.Array:
 
 def _not_finite(what: str, checkpointer, workdir: str) -> FloatingPointError:
   """The NaN/Inf stop: `what` happened, nothing more is saved, the last good checkpoint stays."""
+  latest = checkpointer.latest_step()
+  kept = (f'The last good checkpoint (step {latest}) is kept in {workdir}.' if latest is not None
+          else f'No checkpoint had been saved yet in {workdir}.')
   return FloatingPointError(
-      f'{what}; stopping. The last good checkpoint (step {checkpointer.latest_step()}) is kept in '
-      f'{workdir}. Lower the learning rate or enable gradient clipping (optimizer.grad_clip_norm).')
+      f'{what}; stopping. {kept} Lower the learning rate or enable gradient clipping '
+      '(optimizer.grad_clip_norm).')
 
 
 def _read_summary(workdir: str) -> dict | None:

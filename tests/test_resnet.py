@@ -1,6 +1,7 @@
 """ResNet: parity with transformers (both layer types, both heads, both directions, eval and train
 mode) and loading torchvision-format state dicts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,9 +83,7 @@ def test_parity_both_directions(name, head, tmp_path):
 
   ptm_jax.save_pretrained(module, variables, str(tmp_path / 'ours'))
   reloaded = HEADS[head].from_pretrained(tmp_path / 'ours').eval()
-  for key, value in reference.state_dict().items():  # Every parameter and BatchNorm buffer.
-    if not key.endswith('num_batches_tracked'):
-      assert torch.equal(reloaded.state_dict()[key], value), key
+  parity.assert_same_weights(reloaded, reference)  # every parameter and BatchNorm buffer
   with torch.no_grad():
     again = reloaded(torch.tensor(x_nchw))
   compare(module.apply(variables, pixel_values=x_nhwc), again, head)
@@ -273,3 +272,47 @@ def test_batch_norm_gradients_equal_those_of_the_plain_formula():
     for got, want in zip(jax.grad(loss(ours), (0, 1, 2))(x, scale, bias),
                          jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['basic', 'bottleneck'])
+def test_zero_init_residual_starts_every_block_at_its_shortcut(name):
+  """Goyal et al.'s init: each block's last BatchNorm scale is 0 (the others 1), so at init an
+  identity block (no projection) maps x to act(x), in train and in eval mode."""
+  config = resnet.ResNetConfig(num_labels=3, **CONFIGS[name])
+  last = 'conv_1' if name == 'basic' else 'conv_2'
+  _, x = images()
+  for zero in (False, True):
+    module = resnet.ResNet(config, head='classification', zero_init_residual=zero)
+    params = nn.unbox(module.init(jax.random.key(0), pixel_values=x))['params']['resnet']
+    blocks = {k: v for k, v in params.items() if k.startswith('stage_')}
+    assert len(blocks) == sum(config.depths)
+    for block in blocks.values():
+      for conv, conv_params in block.items():
+        want = 0.0 if zero and conv == last else 1.0
+        np.testing.assert_array_equal(conv_params['norm']['scale'], want)
+
+  spec = next(s for s in resnet.block_specs(config) if not s[-1])  # a block without projection
+  _, _, channels, features, stride, _ = spec
+  block = resnet.ResidualBlock(config, features, stride, False, zero_init_residual=True)
+  h = np.random.default_rng(1).normal(size=(2, 9, 9, channels)).astype(np.float32)
+  variables = nn.unbox(block.init(jax.random.key(1), h))
+  np.testing.assert_array_equal(block.apply(variables, h), np.maximum(h, 0))
+  out, _ = block.apply(variables, h, train=True, mutable=['batch_stats'])
+  np.testing.assert_array_equal(out, np.maximum(h, 0))
+
+
+def test_zero_init_residual_from_the_config():
+  """config.model.zero_init_residual reaches the module (the ImageNet recipe sets it) and is
+  refused for a family without residual blocks to start at the identity."""
+  from ptm_jax.data import pipeline
+  from ptm_jax.models import registry
+  from ptm_jax.train.config import base_config
+  config = base_config()
+  config.model.name = 'resnet50'
+  config.model.zero_init_residual = True
+  info = pipeline.DatasetInfo('image_classification', 'train', 4, num_classes=2)
+  module, _ = registry.build_model(config.model, 'image_classification', info, config.data)
+  assert module.zero_init_residual and module.config.num_labels == 2
+  config.model.name = 'vit-ti/16'
+  with pytest.raises(ValueError, match='zero_init_residual.*vit'):
+    registry.build_model(config.model, 'image_classification', info, config.data)

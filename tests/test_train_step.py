@@ -194,11 +194,13 @@ def test_trainer_runs_with_accumulation_remat_scan_and_bf16(tmp_path):
   step_profiles = [m for m in profile['modules'] if m['module'] == 'jit_train_step']
   assert step_profiles and all(m['executions'] == 1 for m in step_profiles)
   assert all(m['by_phase'].get('backward', 0) > 0 for m in step_profiles)
-  # bf16 compute, float32 master weights: close to float32 training, not equal to it.
+  # bf16 compute, float32 master weights: close to float32 training, not equal to it. (Measured:
+  # within 1e-4 relative. With no update at all, as bf16 weights lose small ones, the 2nd and 3rd
+  # losses are 4% and 1.3% off: rtol=3e-2 let step 3 through.)
   bf16 = train.train_and_evaluate(_digits_config(**{'model.dtype': 'bfloat16'}),
                                   str(tmp_path / 'bf16'))
   bf16_losses = _train_losses(tmp_path / 'bf16')
-  np.testing.assert_allclose(bf16_losses, ref_losses, rtol=3e-2)
+  np.testing.assert_allclose(bf16_losses, ref_losses, rtol=2e-3)
   assert bf16_losses != ref_losses
   assert bf16['param_dtypes'] == ['float32'] and bf16['compute_dtype'] == 'bfloat16'
 
@@ -277,7 +279,9 @@ def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path, learn
   config = _digits_config(**{'total_steps': 6, 'log_every': 100, 'checkpoint_every': 1,
                              'optimizer.learning_rate': learning_rate, 'optimizer.name': 'sgd',
                              'optimizer.momentum': 0.0})
-  with pytest.raises(FloatingPointError, match=message + '.*last good checkpoint') as error:
+  kept = (r'last good checkpoint \(step 1\)' if stop_step > 1
+          else 'No checkpoint had been saved yet')  # not 'step None'
+  with pytest.raises(FloatingPointError, match=message + '.*' + kept) as error:
     train.train_and_evaluate(config, str(tmp_path))
   # Stopped at the first non-finite state, not left to the last step's log.
   assert int(re.search(message, str(error.value)).group(1)) == stop_step
@@ -287,6 +291,23 @@ def test_a_nan_between_log_steps_stops_before_it_is_checkpointed(tmp_path, learn
     from ptm_jax.train import checkpointing
     latest = checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).restore(None)
     assert latest is not None and bool(train._all_finite(latest[1]['params']))
+
+
+def test_a_failing_final_eval_loses_no_training(tmp_path, monkeypatch):
+  # checkpoint_every=0: the final step's checkpoint is the run's only one. It is saved before
+  # the final eval, so an eval that fails (out of memory, say) leaves the trained state behind,
+  # and the run started again only evaluates.
+  def failing_eval(*args, **kwargs):
+    raise MemoryError('eval out of memory')
+  monkeypatch.setattr(train, 'evaluate', failing_eval)
+  with pytest.raises(MemoryError):
+    train.train_and_evaluate(_digits_config(), str(tmp_path))
+  assert _checkpoint_steps(tmp_path) == [3]
+  monkeypatch.undo()
+  losses = _train_losses(tmp_path)
+  summary = train.train_and_evaluate(_digits_config(), str(tmp_path))
+  assert summary['final_step'] == 3 and summary['eval']['loss'] > 0
+  assert _train_losses(tmp_path) == losses  # no step was trained again
 
 
 def test_a_finished_run_started_again_keeps_its_summary(tmp_path, capsys):

@@ -99,6 +99,9 @@ def merged_config(adapt_config) -> ml_collections.ConfigDict:
     raise ValueError(f'config.adapt.lora.rank must be >= 1, got {out.lora.rank}.')
   if not 0.0 <= out.lora.dropout < 1.0:
     raise ValueError(f'config.adapt.lora.dropout must be in [0, 1), got {out.lora.dropout}.')
+  if not isinstance(out.qlora.block_size, int) or out.qlora.block_size < 1:
+    raise ValueError(f'config.adapt.qlora.block_size must be a whole number >= 1 (values per '
+                     f'NF4 absmax; QLoRA uses 64), got {out.qlora.block_size!r}.')
   if out.qlora.compute_dtype not in QLORA_COMPUTE_DTYPES:
     raise ValueError(f'config.adapt.qlora.compute_dtype must be one of {QLORA_COMPUTE_DTYPES}, '
                      f'got {out.qlora.compute_dtype!r}.')

@@ -35,8 +35,9 @@ TASK_OBJECTIVES = {
     'causal_lm': 'causal_lm', 'mlm_nsp': 'mlm_nsp', 'image_text': 'contrastive',
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-# config.model keys that are not fields of a family's config.
-_RUN_KEYS = ('name', 'dtype', 'remat', 'scan_layers')
+# config.model keys that are not fields of a family's config. zero_init_residual (ResNet only):
+# every residual block's last BatchNorm scale starts at 0 (resnet.ResNet.zero_init_residual).
+_RUN_KEYS = ('name', 'dtype', 'remat', 'scan_layers', 'zero_init_residual')
 
 
 def family_of(name: str) -> str:
@@ -148,6 +149,11 @@ def build_model(model: ml_collections.ConfigDict, task: str, info, data) -> tupl
   stack = layer_stack_of(model, family)
   if family != 'resnet':
     kwargs['layer_stack'] = stack
+  if model.get('zero_init_residual', False):
+    if family != 'resnet':
+      raise ValueError('config.model.zero_init_residual starts ResNet\'s residual blocks at the '
+                       f'identity; a {family} model has no such blocks: leave it unset.')
+    kwargs['zero_init_residual'] = True
   head = head_for(family, task)
   if family != 'clip':
     kwargs['head'] = head

@@ -191,12 +191,13 @@ class BatchNorm(nn.Module):
   epsilon: float = BN_EPS
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x_BxHxWxC, *, train: bool = False):
     c = x_BxHxWxC.shape[-1]
     boxed = lambda init: nn.with_logical_partitioning(init, ('conv_out',))
-    scale = self.param('scale', boxed(nn.initializers.ones), (c,), self.param_dtype)
+    scale = self.param('scale', boxed(self.scale_init), (c,), self.param_dtype)
     bias = self.param('bias', boxed(nn.initializers.zeros), (c,), self.param_dtype)
     ra_mean = self.variable('batch_stats', 'mean', boxed(jnp.zeros), (c,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', boxed(jnp.ones), (c,), jnp.float32)
@@ -224,13 +225,17 @@ class BatchNorm(nn.Module):
 
 
 class ConvNorm(nn.Module):
-  """Bias-free conv with symmetric padding k // 2 -> BatchNorm -> optional activation."""
+  """Bias-free conv with symmetric padding k // 2 -> BatchNorm -> optional activation.
+
+  zero_norm_scale: the BatchNorm scale starts at 0 instead of 1 (ResNet.zero_init_residual).
+  """
   features: int
   kernel_size: int
   stride: int = 1
   activation: str | None = 'relu'
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  zero_norm_scale: bool = False
 
   @nn.compact
   def __call__(self, x_BxHxWxC, *, train: bool = False):
@@ -244,26 +249,35 @@ class ConvNorm(nn.Module):
                 conv_general_dilated=layers.conv_general_dilated,
                 kernel_init=nn.with_logical_partitioning(
                     init, (None, None, 'conv_in', 'conv_out')))(x_BxHxWxC)
-    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x, train=train)
+    scale_init = nn.initializers.zeros if self.zero_norm_scale else nn.initializers.ones
+    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init,
+                  name='norm')(x, train=train)
     if self.activation is not None:
       x = layers.activation(self.activation)(x)
     return x
 
 
 class ResidualBlock(nn.Module):
-  """A basic or bottleneck block; conv_0.. are its main path, `shortcut` the projection."""
+  """A basic or bottleneck block; conv_0.. are its main path, `shortcut` the projection.
+
+  zero_init_residual: the main path's last BatchNorm scale starts at 0, so the block starts as
+  act(shortcut(x)).
+  """
   config: ResNetConfig
   features: int
   stride: int
   has_shortcut: bool
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x_BxHxWxC, *, train: bool = False):
     cfg = self.config
+    last = 'conv_1' if cfg.layer_type == 'basic' else 'conv_2'
     conv = lambda features, k, stride, act, name: ConvNorm(
-        features, k, stride, act, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        features, k, stride, act, dtype=self.dtype, param_dtype=self.param_dtype,
+        zero_norm_scale=self.zero_init_residual and name == last, name=name)
     # The inner activations are always ReLU; hidden_act applies after the residual sum only
     # (transformers' layout).
     if cfg.layer_type == 'basic':
@@ -287,6 +301,7 @@ class ResNetBackbone(nn.Module):
   config: ResNetConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, pixels_BxHxWxC, *, train: bool = False):
@@ -304,7 +319,8 @@ class ResNetBackbone(nn.Module):
     x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for s, b, _, out_channels, stride, has_shortcut in block_specs(cfg):
       x = ResidualBlock(cfg, out_channels, stride, has_shortcut, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=f'stage_{s}_block_{b}')(x, train=train)
+                        param_dtype=self.param_dtype, zero_init_residual=self.zero_init_residual,
+                        name=f'stage_{s}_block_{b}')(x, train=train)
     pooled_BxC = jnp.mean(x, axis=(1, 2))
     return outputs.BaseModelOutput(last_hidden_state=x, pooler_output=pooled_BxC)
 
@@ -315,11 +331,17 @@ class ResNet(nn.Module):
   BatchNorm uses its running statistics unless train=True, which needs
   apply(..., mutable=['batch_stats']). Variables: params['resnet'] and batch_stats['resnet'],
   plus params['classifier'] for the classification head.
+
+  zero_init_residual (initialisation only, not saved to config.json): the last BatchNorm scale of
+  every residual block starts at 0 instead of 1, so each block starts as the identity (before
+  its activation) and the network as a shallow one (Goyal et al. 2017, section 5.1; torchvision's
+  zero_init_residual). A loaded checkpoint brings its own scales.
   """
   config: ResNetConfig
   head: str | None = None
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, pixel_values, *, train: bool = False):
@@ -327,6 +349,7 @@ class ResNet(nn.Module):
       raise ValueError(f'Unknown ResNet head {self.head!r}; choose one of {HEADS}.')
     cfg = self.config
     encoded = ResNetBackbone(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
+                             zero_init_residual=self.zero_init_residual,
                              name='resnet')(pixel_values, train=train)
     if self.head is None:
       return encoded
