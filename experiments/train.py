@@ -401,16 +401,22 @@ def _import_tensorboardx():
 
 
 class MetricWriter:
-  """metrics.jsonl (one JSON object per log or eval) + TensorBoard events + the terminal."""
+  """metrics.jsonl (one JSON object per log or eval) + TensorBoard events + the terminal.
 
-  def __init__(self, workdir: str, total_steps: int, enabled: bool):
+  A run resumed from step `start_step` > 0 redoes the steps after it that the killed run had
+  logged: TensorBoard is told to drop those (purge_step), so its curves show each step once.
+  metrics.jsonl keeps both records; its readers take the last one of a step.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self.total_steps = total_steps
     self._tb = None
     if enabled:
       tensorboardX = _import_tensorboardx()
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                            purge_step=start_step + 1 if start_step else None)
     self._bar = None
     if enabled and sys.stderr.isatty():
       import tqdm
@@ -684,7 +690,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
   eval_loader = pipeline.make_loader(_eval_config(config), config.data.eval_split, train=False,
                                      mesh=mesh,
                                      tokenizer=tokenizer, family=family)
-  writer = MetricWriter(workdir, config.total_steps, is_writer)
+  writer = MetricWriter(workdir, config.total_steps, is_writer, start_step=start)
   items, unit = _items_per_step(config, task)
   checkpointer.install_sigterm_handler()
   last_eval: dict = {}

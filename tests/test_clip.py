@@ -227,6 +227,8 @@ def test_bad_input_gets_a_clear_error(case):
     module.apply(variables)
   with pytest.raises(ValueError, match=r'pixel_values must be NHWC.*resize'):
     module.apply(variables, pixel_values=case['pixels'])  # NCHW by mistake
+  with pytest.raises(ValueError, match='dtype uint8.*NORMALIZATION'):  # undecoded, unnormalised
+    module.apply(variables, pixel_values=np.zeros_like(jax_inputs(case)['pixel_values'], np.uint8))
   with pytest.raises(ValueError, match='truncate the input to 16 tokens'):
     module.apply(variables, input_ids=np.zeros((1, 17), np.int32))
   with pytest.raises(ValueError, match=r'attention_mask has shape \(3, 10\) but input_ids has '

@@ -239,6 +239,8 @@ def test_bad_inputs():
   assert out.logits.shape == (2, 3) and out.last_hidden_state.shape == (2, 8, 8, 16)
   with pytest.raises(ValueError, match=r'NHWC.*transpose'):
     module.init(jax.random.key(0), pixel_values=np.zeros((1, 3, 32, 32), np.float32))
+  with pytest.raises(ValueError, match='dtype uint8.*NORMALIZATION'):
+    module.init(jax.random.key(0), pixel_values=np.zeros((1, 32, 32, 3), np.uint8))
   with pytest.raises(ValueError, match='layer_type'):
     resnet.ResNetConfig(layer_type='wide')
   with pytest.raises(ValueError, match='same'):

@@ -368,3 +368,32 @@ def test_a_run_resumes_onto_another_mesh(tmp_path):
   np.testing.assert_allclose(_train_losses(tmp_path / 'run'), _train_losses(tmp_path / 'ref'),
                              rtol=1e-5)
   np.testing.assert_allclose(resumed['eval']['loss'], reference['eval']['loss'], rtol=1e-5)
+
+
+def _tensorboard_events(folder):
+  """Every Event of the TFRecord files in `folder` (length, crc, payload, crc records)."""
+  from tensorboardX.proto import event_pb2
+  events = []
+  for name in sorted(os.listdir(folder)):
+    data = open(os.path.join(folder, name), 'rb').read()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], 'little')
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      events.append(event)
+      offset += 12 + length + 4
+  return events
+
+
+def test_a_resumed_run_tells_tensorboard_to_drop_the_redone_steps(tmp_path):
+  from tensorboardX.proto import event_pb2
+  for start, workdir in ((0, tmp_path / 'fresh'), (4, tmp_path / 'resumed')):
+    workdir.mkdir()
+    writer = train.MetricWriter(str(workdir), 10, True, start_step=start)
+    writer.write({'step': start + 1, 'split': 'train', 'loss': 1.0})
+    writer.close()
+    events = _tensorboard_events(workdir / 'tensorboard')
+    purges = [e.step for e in events if e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == ([5] if start else [])  # TensorBoard drops the old events from step 5 on
+    assert [e.step for e in events if e.summary.value] == [start + 1]

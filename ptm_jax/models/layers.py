@@ -637,6 +637,14 @@ def _max_pool_bwd(window, strides, padding, saved, dy):
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def check_float_pixels(pixels):
+  """Refuses integer images (uint8 straight from a decoder), which would run unnormalised."""
+  if not jnp.issubdtype(pixels.dtype, jnp.floating):
+    raise ValueError(f'pixel_values have dtype {pixels.dtype}; the models take float images '
+                     'normalised as their checkpoints were trained, (x / 255 - mean) / std with '
+                     'the family\'s ptm_jax.data.image.NORMALIZATION: convert them first.')
+
+
 class PatchEmbedding(nn.Module):
   """Non-overlapping patches: a conv whose stride is its kernel, (B, H, W, C) -> (B, P, D)."""
   patch_size: int
@@ -648,6 +656,7 @@ class PatchEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, pixels_BxHxWxC):
+    check_float_pixels(pixels_BxHxWxC)
     b, h, w, _ = pixels_BxHxWxC.shape
     p = self.patch_size
     if h % p or w % p:

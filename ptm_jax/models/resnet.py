@@ -311,6 +311,7 @@ class ResNetBackbone(nn.Module):
               if pixels_BxHxWxC.ndim == 4 and pixels_BxHxWxC.shape[1] == cfg.num_channels else '')
       raise ValueError(f'pixel_values must be NHWC with {cfg.num_channels} channels, got shape '
                        f'{pixels_BxHxWxC.shape}.{hint}')
+    layers.check_float_pixels(pixels_BxHxWxC)
     x = ConvNorm(cfg.embedding_size, 7, 2, cfg.hidden_act, dtype=self.dtype,
                  param_dtype=self.param_dtype, name='stem')(
                      jnp.asarray(pixels_BxHxWxC, self.dtype), train=train)
