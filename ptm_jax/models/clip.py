@@ -156,10 +156,7 @@ class CLIPTextTransformer(nn.Module):
                        f'{input_ids_BxT.shape}.')
     b, t = input_ids_BxT.shape
     layers.check_length(t, cfg.max_position_embeddings)
-    if attention_mask_BxT is not None and jnp.shape(attention_mask_BxT) != (b, t):
-      # Otherwise a wrong shape fails deep inside the attention, or broadcasts over the batch.
-      raise ValueError(f'attention_mask has shape {jnp.shape(attention_mask_BxT)} but input_ids '
-                       f'has {(b, t)}: give one 1/0 entry per token.')
+    layers.check_attention_mask(attention_mask_BxT, b, t)
     if position_ids_BxT is None:
       position_ids_BxT = jnp.arange(t)[None, :]
     emb = lambda n, name, axes: layers.embed(

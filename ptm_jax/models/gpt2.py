@@ -104,9 +104,8 @@ class GPT2Transformer(nn.Module):
     cfg = self.config
     b, t = input_ids_BxT.shape
     layers.check_length(t, cfg.max_position_embeddings)
-    if attention_mask_BxS is not None and not decode and attention_mask_BxS.shape != (b, t):
-      raise ValueError(f'attention_mask has shape {attention_mask_BxS.shape} but input_ids has '
-                       f'{(b, t)}: give one 1/0 entry per token.')
+    if not decode:  # decoding steps take the whole cache's mask
+      layers.check_attention_mask(attention_mask_BxS, b, t)
     if position_ids_BxT is None:
       if decode and not self.is_initializing():
         # The module cannot tell where in the cache the new tokens go.

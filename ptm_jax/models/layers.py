@@ -284,6 +284,14 @@ def padding_mask(attention_mask_BxS: jax.Array | None) -> jax.Array | None:
   return attention_mask_BxS.astype(bool)[:, None, None, :]
 
 
+def check_attention_mask(attention_mask_BxT, batch: int, length: int):
+  """A (B, T) mask of another shape would fail deep inside the attention, or broadcast over the
+  batch: refused, naming both shapes."""
+  if attention_mask_BxT is not None and jnp.shape(attention_mask_BxT) != (batch, length):
+    raise ValueError(f'attention_mask has shape {jnp.shape(attention_mask_BxT)} but input_ids has '
+                     f'{(batch, length)}: give one 1/0 entry per token.')
+
+
 def check_length(length: int, max_length: int, what: str = 'input_ids'):
   if length > max_length:
     raise ValueError(
