@@ -1,5 +1,6 @@
 """BERT: parity with transformers for every head, both directions of conversion."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -59,3 +60,22 @@ def test_parity_both_directions(head, tmp_path):
   for field in FIELDS.get(head, ('logits',)):
     # The same weights (checked above) and config: the same outputs, bit for bit.
     assert parity.max_abs_diff(getattr(again, field).numpy(), getattr(expected, field)) == 0
+
+
+def test_bad_input_gets_a_clear_error():
+  from ptm_jax.models import bert
+  module = bert.Bert(bert.BertConfig(vocab_size=99, hidden_size=16, num_layers=1, num_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16))
+  variables = module.init(jax.random.key(0), **module.example_inputs(batch_size=3, length=10))
+  ids = np.ones((3, 10), np.int32)
+  with pytest.raises(ValueError, match=r'input_ids must be \(batch, length\).*input_ids\[None\]'):
+    module.apply(variables, input_ids=ids[0])
+  with pytest.raises(ValueError, match=r'attention_mask has shape \(1, 10\) but input_ids has '
+                     r'\(3, 10\): give one 1/0 entry per token'):
+    module.apply(variables, input_ids=ids, attention_mask=ids[:1])  # would broadcast
+  with pytest.raises(ValueError, match=r'token_type_ids has shape \(3, 9\) but input_ids has '
+                     r'\(3, 10\): give one segment id per token'):
+    module.apply(variables, input_ids=ids, token_type_ids=ids[:, 1:])
+  with pytest.raises(ValueError, match='input_ids has 17 positions but the position table holds '
+                     '16'):
+    module.apply(variables, input_ids=np.ones((1, 17), np.int32))

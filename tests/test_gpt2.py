@@ -121,8 +121,16 @@ def test_sequence_too_long_and_bad_config():
     module.init(jax.random.key(0), input_ids=np.zeros((1, 33), np.int32))
   # generate checks before it traces anything, so shapes stand in for the weights.
   variables = jax.eval_shape(module.init, jax.random.key(0), **module.example_inputs())
-  with pytest.raises(ValueError, match='prompt \\+ max_new_tokens has 34 positions'):
+  with pytest.raises(ValueError, match='prompt \\+ max_new_tokens is 34 tokens, so the model '
+                     'would see 33 positions, but its position table holds 32: ask for at most 3'):
     gen.generate(module, variables, np.zeros((1, 30), np.int32), 4, greedy=True)
+  # At the limit: 29 + 4 tokens, the last never fed back, so positions 0 ... 31 (as transformers).
+  variables = module.init(jax.random.key(0), **module.example_inputs())
+  prompt = np.arange(29, dtype=np.int32)[None] % VOCAB
+  cached = gen.generate(module, variables, prompt, 4, greedy=True)
+  assert cached.shape == (1, 33)
+  np.testing.assert_array_equal(cached, gen.uncached_generate(module, variables, prompt, 4,
+                                                              greedy=True))
   with pytest.raises(NotImplementedError, match='scale_attn_by_inverse_layer_idx'):
     gpt2.GPT2Config(scale_attn_by_inverse_layer_idx=True)
   with pytest.raises(ValueError, match='not divisible'):

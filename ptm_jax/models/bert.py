@@ -82,7 +82,7 @@ class BertEncoder(nn.Module):
   def __call__(self, input_ids_BxT, attention_mask_BxT=None, token_type_ids_BxT=None,
                position_ids_BxT=None, *, deterministic: bool = True):
     cfg = self.config
-    _, t = input_ids_BxT.shape
+    _, t = layers.check_token_inputs(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT)
     layers.check_length(t, cfg.max_position_embeddings)
     if token_type_ids_BxT is None:
       token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)

@@ -151,12 +151,8 @@ class CLIPTextTransformer(nn.Module):
                deterministic: bool = True):
     cfg = self.config
     input_ids_BxT = jnp.asarray(input_ids_BxT)
-    if input_ids_BxT.ndim != 2:
-      raise ValueError(f'input_ids must be (batch, length) token ids, got shape '
-                       f'{input_ids_BxT.shape}.')
-    b, t = input_ids_BxT.shape
+    b, t = layers.check_token_inputs(input_ids_BxT, attention_mask_BxT)
     layers.check_length(t, cfg.max_position_embeddings)
-    layers.check_attention_mask(attention_mask_BxT, b, t)
     if position_ids_BxT is None:
       position_ids_BxT = jnp.arange(t)[None, :]
     emb = lambda n, name, axes: layers.embed(

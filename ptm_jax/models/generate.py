@@ -110,10 +110,12 @@ def _generate(module, variables, prompt_BxT, prompt_mask_BxT, rng, *, max_new_to
   done_B = jnp.zeros((b,), bool)
   column = lambda x_BxL, i: jax.lax.dynamic_slice_in_dim(x_BxL, i, 1, axis=1)
 
+  # The last token is only ever written: the model sees the L - 1 before it.
+  fed_mask_BxF = mask_BxL[:, :-1]
   if use_cache:
     out, state = module.apply(
-        {**variables, 'cache': init_cache(module, b, length)}, prompt_BxT,
-        attention_mask=mask_BxL, position_ids=positions_BxL[:, :t], decode=True,
+        {**variables, 'cache': init_cache(module, b, length - 1)}, prompt_BxT,
+        attention_mask=fed_mask_BxF, position_ids=positions_BxL[:, :t], decode=True,
         mutable=['cache'])
     next_B, done_B = _pick(sampling, 0, rng, out.logits[:, -1], done_B)
     tokens_BxL = tokens_BxL.at[:, t].set(next_B)
@@ -122,7 +124,7 @@ def _generate(module, variables, prompt_BxT, prompt_mask_BxT, rng, *, max_new_to
       tokens_BxL, cache, done_B = carry
       here = t + i - 1
       out, state = module.apply(
-          {**variables, 'cache': cache}, column(tokens_BxL, here), attention_mask=mask_BxL,
+          {**variables, 'cache': cache}, column(tokens_BxL, here), attention_mask=fed_mask_BxF,
           position_ids=column(positions_BxL, here), decode=True, mutable=['cache'])
       next_B, done_B = _pick(sampling, i, rng, out.logits[:, -1], done_B)
       tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, next_B[:, None], here + 1, 1)
@@ -132,11 +134,11 @@ def _generate(module, variables, prompt_BxT, prompt_mask_BxT, rng, *, max_new_to
                                          (tokens_BxL, state['cache'], done_B))
     return tokens_BxL
 
-  def full_step(i, carry):  # the whole (B, L) forward; causality hides the unwritten tokens
+  def full_step(i, carry):  # the whole forward; causality hides the unwritten tokens
     tokens_BxL, done_B = carry
     here = t + i - 1
-    logits_BxLxV = module.apply(variables, tokens_BxL, attention_mask=mask_BxL,
-                                position_ids=positions_BxL).logits
+    logits_BxLxV = module.apply(variables, tokens_BxL[:, :-1], attention_mask=fed_mask_BxF,
+                                position_ids=positions_BxL[:, :-1]).logits
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, here, axis=1, keepdims=False)
     next_B, done_B = _pick(sampling, i, rng, logits_BxV, done_B)
     tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, next_B[:, None], here + 1, 1)
@@ -181,8 +183,13 @@ def generate(module: nn.Module, params, input_ids_BxT, max_new_tokens: int, *,
                      f'{prompt_BxT.shape}.')
   b, t = prompt_BxT.shape
   max_positions = getattr(module.config, 'max_position_embeddings', None)
-  if max_positions is not None:
-    layers.check_length(t + max_new_tokens, max_positions, what='prompt + max_new_tokens')
+  # The last new token is returned, never fed back: the model sees t + max_new_tokens - 1
+  # positions (transformers' limit too).
+  if max_positions is not None and t + max_new_tokens - 1 > max_positions:
+    raise ValueError(
+        f'prompt + max_new_tokens is {t + max_new_tokens} tokens, so the model would see '
+        f'{t + max_new_tokens - 1} positions, but its position table holds {max_positions}: ask '
+        f'for at most {max_positions + 1 - t} new tokens or shorten the prompt.')
   if attention_mask is None:
     mask_BxT = np.ones((b, t), np.int32)
   else:

@@ -102,10 +102,9 @@ class GPT2Transformer(nn.Module):
   def __call__(self, input_ids_BxT, attention_mask_BxS=None, position_ids_BxT=None, *,
                deterministic: bool = True, decode: bool = False):
     cfg = self.config
-    b, t = input_ids_BxT.shape
+    # Decoding steps take the whole cache's mask, checked against the cache.
+    b, t = layers.check_token_inputs(input_ids_BxT, None if decode else attention_mask_BxS)
     layers.check_length(t, cfg.max_position_embeddings)
-    if not decode:  # decoding steps take the whole cache's mask
-      layers.check_attention_mask(attention_mask_BxS, b, t)
     if position_ids_BxT is None:
       if decode and not self.is_initializing():
         # The module cannot tell where in the cache the new tokens go.

@@ -284,12 +284,19 @@ def padding_mask(attention_mask_BxS: jax.Array | None) -> jax.Array | None:
   return attention_mask_BxS.astype(bool)[:, None, None, :]
 
 
-def check_attention_mask(attention_mask_BxT, batch: int, length: int):
-  """A (B, T) mask of another shape would fail deep inside the attention, or broadcast over the
-  batch: refused, naming both shapes."""
-  if attention_mask_BxT is not None and jnp.shape(attention_mask_BxT) != (batch, length):
-    raise ValueError(f'attention_mask has shape {jnp.shape(attention_mask_BxT)} but input_ids has '
-                     f'{(batch, length)}: give one 1/0 entry per token.')
+def check_token_inputs(input_ids_BxT, attention_mask_BxT=None, token_type_ids_BxT=None):
+  """(B, T) of input_ids. A 1-D input_ids, or a mask or segment ids of another shape (which would
+  fail deep inside the attention, or broadcast over the batch), is refused with the shapes named."""
+  shape = jnp.shape(input_ids_BxT)
+  if len(shape) != 2:
+    raise ValueError(f'input_ids must be (batch, length) token ids, got shape {shape}: add the '
+                     'batch axis (input_ids[None]) for one sequence.')
+  for name, value, what in (('attention_mask', attention_mask_BxT, 'one 1/0 entry'),
+                            ('token_type_ids', token_type_ids_BxT, 'one segment id')):
+    if value is not None and jnp.shape(value) != shape:
+      raise ValueError(f'{name} has shape {jnp.shape(value)} but input_ids has {shape}: give '
+                       f'{what} per token.')
+  return shape
 
 
 def check_length(length: int, max_length: int, what: str = 'input_ids'):
