@@ -400,12 +400,35 @@ def _import_tensorboardx():
   return tensorboardX
 
 
+def _keep_records_until(path: str, step: int):
+  """Rewrites metrics.jsonl with the records of steps <= step only (atomically). A last line that
+  a kill cut short goes too: the next record would otherwise continue it into one bad line."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    if not line.endswith('\n'):
+      break
+    try:
+      record_step = json.loads(line).get('step', 0)
+    except (json.JSONDecodeError, AttributeError):
+      record_step = 0  # not this trainer's line: kept as it is
+    if not isinstance(record_step, int) or record_step <= step:
+      kept.append(line)
+  if kept != lines:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
 class MetricWriter:
   """metrics.jsonl (one JSON object per log or eval) + TensorBoard events + the terminal.
 
   A run resumed from step `start_step` > 0 redoes the steps after it that the killed run had
-  logged: TensorBoard is told to drop those (purge_step), so its curves show each step once.
-  metrics.jsonl keeps both records; its readers take the last one of a step.
+  logged: their records leave metrics.jsonl, and TensorBoard is told to drop them (purge_step),
+  so both show each step once.
   """
 
   def __init__(self, workdir: str, total_steps: int, enabled: bool, start_step: int = 0):
@@ -414,7 +437,10 @@ class MetricWriter:
     self._tb = None
     if enabled:
       tensorboardX = _import_tensorboardx()
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if start_step:
+        _keep_records_until(path, start_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
                                             purge_step=start_step + 1 if start_step else None)
     self._bar = None

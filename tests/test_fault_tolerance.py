@@ -135,7 +135,7 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
 
 
 def train_records(records: list[dict]) -> dict[int, dict]:
-  """Step -> the train record of that step; the last one where a step was logged again."""
+  """Step -> the train record of that step."""
   return {r['step']: r for r in records if r['split'] == 'train'}
 
 
@@ -249,17 +249,24 @@ def test_kill9_then_resume_logs_the_uninterrupted_losses(tmp_path, trainer_env, 
   killed.process.send_signal(signal.SIGKILL)
   assert killed.wait() == -signal.SIGKILL
   assert not (workdir / 'summary.json').exists(), 'the run finished before the kill'
-  records_before = len(read_metrics(workdir))
-  killed_at = max(train_records(read_metrics(workdir)))
+  records_before = read_metrics(workdir)
+  killed_at = max(train_records(records_before))
   restorable = committed_steps(workdir)
   assert restorable and max(restorable) <= killed_at
+  # A kill mid-write leaves a line cut short, which the resumed run must not continue.
+  with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('{"step": 9')
 
   resumed = Trainer(workdir, args, trainer_env, log_path)  # the same command again
   resumed.finish()
-  records_after = read_metrics(workdir)[records_before:]
-  # It continued from the latest checkpoint, re-doing (and re-logging) the steps after it.
+  records_after = read_metrics(workdir)
+  kept = [r for r in records_before if r['step'] <= max(restorable)]
+  # It continued from the latest checkpoint, re-doing the steps after it: their first records
+  # were dropped, so metrics.jsonl holds each step once, in order.
+  assert records_after[:len(kept)] == kept
   assert [r['step'] for r in records_after if r['split'] == 'train'] == list(
-      range(max(restorable) + 1, TOTAL_STEPS + 1))
+      range(1, TOTAL_STEPS + 1))
+  assert (workdir / 'metrics.jsonl').read_text().endswith('}\n')
 
   reference = reference_run.workdir()
   assert_same_train_metrics(train_records(read_metrics(workdir)),
