@@ -412,9 +412,19 @@ def test_vocab_init_takes_rows_of_the_loaded_word_embeddings():
   rows = [int(np.flatnonzero((table == row).all(axis=1))[0]) for row in prompt]
   assert len(set(rows)) == P   # distinct vocabulary rows
   with pytest.raises(ValueError, match="prompt.init='uniform'"):
-    _adapted(TINY['vit'](), config, _inputs('vit'))
+    _adapted(TINY['vit'](), config, _inputs('vit'))  # no vocabulary anywhere
   with pytest.raises(ValueError, match='pass rng'):
     methods.prepare(adapted, config)
+  # CLIP: the text tower's prompts are its vocabulary's rows; the image tower's keep their draw.
+  clip_module = clip.CLIP(clip.PRESETS['clip-tiny'])
+  base, adapted = _adapted(clip_module, config, _clip_inputs())
+  flat, uniform = rules.flatten(adapted), _adapted(clip_module, _config(
+      'prompt', prompt={'length': P, 'init': 'uniform'}), _clip_inputs())[1]
+  table = np.asarray(rules.flatten(base)['text_model/token_embedding/embedding'])
+  text_prompt = np.asarray(flat['text_model/layer_0/prompt'])
+  assert all((table == row).all(axis=1).any() for row in text_prompt)
+  np.testing.assert_array_equal(flat['vision_model/layer_0/prompt'],
+                                rules.flatten(uniform)['vision_model/layer_0/prompt'])
 
 
 def test_prompts_refuse_a_scanned_stack_and_the_kv_cache():

@@ -46,7 +46,9 @@ Prompt tuning (Lester et al. 2021)
   of the word-embedding table, drawn uniformly (Lester et al. draw from the 5,000 most frequent
   tokens; no frequencies are at hand here). The rows must come from the loaded checkpoint, which
   `module.init` has not seen: init draws U(-0.5, 0.5), and `init_prompts_from_vocabulary` (called
-  by `methods.prepare`) replaces them after the base weights are in place. Prompt tuning needs
+  by `methods.prepare`) replaces them after the base weights are in place; CLIP's image tower,
+  which has no vocabulary, keeps the uniform draw (an image-only model refuses 'vocab'). Prompt
+  tuning needs
   the looped stack (config.model.scan_layers=False) and does not run with decode=True.
 """
 
@@ -54,6 +56,7 @@ import contextlib
 import dataclasses
 import re
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -347,25 +350,34 @@ def prompt_interceptor(spec: Prompt):
 
 
 def init_prompts_from_vocabulary(params, spec: Prompt, rng: jax.Array) -> dict:
-  """'vocab' init: each prompt becomes P distinct rows of its model's word-embedding table.
+  """'vocab' init: each prompt becomes P distinct rows of its tower's word-embedding table.
 
-  Call after the base weights are in place (the rows are the checkpoint's). A no-op for 'uniform'.
+  Call after the base weights are in place (the rows are the checkpoint's). A no-op for
+  'uniform'. A tower with no such table (CLIP's image tower) keeps its U(-0.5, 0.5) prompts; a
+  model with none at all (ViT, ResNet) is refused.
   """
   if spec.init != 'vocab':
     return params
   flat = rules.flatten(params)
+  without_table = []
   for i, path in enumerate(sorted(p for p in flat if re.search(PROMPT_PATH, p))):
     stack = path[:-len('layer_0/prompt')]
     tables = [f'{stack}{name}/embedding' for name in WORD_EMBEDDINGS
               if f'{stack}{name}/embedding' in flat]
     if not tables:
-      raise ValueError(f"config.adapt.prompt.init='vocab' takes rows of the word embeddings, but "
-                       f'{path} has no word-embedding table beside it (an image model): set '
-                       "config.adapt.prompt.init='uniform'.")
+      without_table.append(path)
+      continue
     table_VxD = flat[tables[0]]
     rows = jax.random.choice(jax.random.fold_in(rng, i), table_VxD.shape[0], (spec.length,),
                              replace=spec.length > table_VxD.shape[0])
     flat[path] = table_VxD[rows].astype(flat[path].dtype)
+  if without_table:
+    if len(without_table) == len([p for p in flat if re.search(PROMPT_PATH, p)]):
+      raise ValueError("config.adapt.prompt.init='vocab' takes rows of the word embeddings, but "
+                       f'{without_table[0]} has no word-embedding table beside it (an image '
+                       "model): set config.adapt.prompt.init='uniform'.")
+    logging.info('prompt.init=vocab: %s has no word-embedding table beside it (an image tower) '
+                 'and keeps its U(-0.5, 0.5) init.', ', '.join(without_table))
   return rules.unflatten(flat)
 
 
