@@ -48,8 +48,8 @@ Prompt tuning (Lester et al. 2021)
   `module.init` has not seen: init draws U(-0.5, 0.5), and `init_prompts_from_vocabulary` (called
   by `methods.prepare`) replaces them after the base weights are in place; CLIP's image tower,
   which has no vocabulary, keeps the uniform draw (an image-only model refuses 'vocab'). Prompt
-  tuning needs
-  the looped stack (config.model.scan_layers=False) and does not run with decode=True.
+  tuning needs the looped stack (config.model.scan_layers=False) and does not run with
+  decode=True.
 """
 
 import contextlib
