@@ -478,12 +478,18 @@ def _scalars(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _items_per_step(config, task: str) -> tuple[int, str]:
-  if task in ('causal_lm', 'mlm_nsp', 'text_classification'):
-    return config.batch_size * config.data.seq_len, 'tokens_per_sec'
+def _items_per_step(config, task: str) -> dict[str, int]:
+  """The throughput units of a train log record -> items a step. Causal LM windows are all real
+  text; the other text tasks pad each example to seq_len, so their tokens are positions computed
+  (padded_tokens_per_sec), and examples are what they process."""
+  if task == 'causal_lm':
+    return {'tokens_per_sec': config.batch_size * config.data.seq_len}
+  if task in ('mlm_nsp', 'text_classification'):
+    return {'examples_per_sec': config.batch_size,
+            'padded_tokens_per_sec': config.batch_size * config.data.seq_len}
   if task in ('image_classification', 'image_text'):
-    return config.batch_size, 'images_per_sec'
-  return config.batch_size, 'examples_per_sec'
+    return {'images_per_sec': config.batch_size}
+  return {'examples_per_sec': config.batch_size}
 
 
 def evaluate(eval_step, state, loader, objective_name: str, max_steps: int) -> dict:
@@ -717,7 +723,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
                                      mesh=mesh,
                                      tokenizer=tokenizer, family=family)
   writer = MetricWriter(workdir, config.total_steps, is_writer, start_step=start)
-  items, unit = _items_per_step(config, task)
+  throughput_units = _items_per_step(config, task)
   checkpointer.install_sigterm_handler()
   last_eval: dict = {}
   train_metrics: dict = {}
@@ -758,7 +764,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, dry_r
           steps_timed += step - timer_step
           seconds_timed += elapsed
         record = {'step': step, 'split': 'train', **train_metrics,
-                  'steps_per_sec': rate, unit: rate * items,
+                  'steps_per_sec': rate,
+                  **{unit: rate * items for unit, items in throughput_units.items()},
                   'eta_seconds': (config.total_steps - step) / max(rate, 1e-9)}
         utilisation = hardware.mfu(model_flops, 1 / max(rate, 1e-9), mesh.size)
         if utilisation is not None:
