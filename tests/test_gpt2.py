@@ -124,6 +124,8 @@ def test_sequence_too_long_and_bad_config():
   with pytest.raises(ValueError, match='prompt \\+ max_new_tokens is 34 tokens, so the model '
                      'would see 33 positions, but its position table holds 32: ask for at most 3'):
     gen.generate(module, variables, np.zeros((1, 30), np.int32), 4, greedy=True)
+  with pytest.raises(ValueError, match='shorten the prompt to at most 32 tokens'):
+    gen.generate(module, variables, np.zeros((1, 33), np.int32), 1, greedy=True)
   # At the limit: 29 + 4 tokens, the last never fed back, so positions 0 ... 31 (as transformers).
   variables = module.init(jax.random.key(0), **module.example_inputs())
   prompt = np.arange(29, dtype=np.int32)[None] % VOCAB

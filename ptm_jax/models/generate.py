@@ -186,10 +186,12 @@ def generate(module: nn.Module, params, input_ids_BxT, max_new_tokens: int, *,
   # The last new token is returned, never fed back: the model sees t + max_new_tokens - 1
   # positions (transformers' limit too).
   if max_positions is not None and t + max_new_tokens - 1 > max_positions:
+    fix = (f'ask for at most {max_positions + 1 - t} new tokens or shorten the prompt'
+           if t <= max_positions else f'shorten the prompt to at most {max_positions} tokens')
     raise ValueError(
         f'prompt + max_new_tokens is {t + max_new_tokens} tokens, so the model would see '
-        f'{t + max_new_tokens - 1} positions, but its position table holds {max_positions}: ask '
-        f'for at most {max_positions + 1 - t} new tokens or shorten the prompt.')
+        f'{t + max_new_tokens - 1} positions, but its position table holds {max_positions}: '
+        f'{fix}.')
   if attention_mask is None:
     mask_BxT = np.ones((b, t), np.int32)
   else:
