@@ -124,6 +124,12 @@ def test_sequence_too_long_and_bad_config():
   with pytest.raises(ValueError, match='prompt \\+ max_new_tokens is 34 tokens, so the model '
                      'would see 33 positions, but its position table holds 32: ask for at most 3'):
     gen.generate(module, variables, np.zeros((1, 30), np.int32), 4, greedy=True)
+  with pytest.raises(ValueError, match='input_ids has no tokens'):
+    gen.generate(module, variables, np.zeros((1, 0), np.int32), 1, greedy=True)
+  with pytest.raises(ValueError, match=r'attention_mask has shape \(1, 5\) but input_ids has '
+                     r'\(2, 5\)'):
+    gen.generate(module, variables, np.zeros((2, 5), np.int32), 1, greedy=True,
+                 attention_mask=np.ones((1, 5)))
   with pytest.raises(ValueError, match='shorten the prompt to at most 32 tokens'):
     gen.generate(module, variables, np.zeros((1, 33), np.int32), 1, greedy=True)
   # At the limit: 29 + 4 tokens, the last never fed back, so positions 0 ... 31 (as transformers).

@@ -359,8 +359,9 @@ def init_prompts_from_vocabulary(params, spec: Prompt, rng: jax.Array) -> dict:
   if spec.init != 'vocab':
     return params
   flat = rules.flatten(params)
+  prompt_paths = sorted(p for p in flat if re.search(PROMPT_PATH, p))
   without_table = []
-  for i, path in enumerate(sorted(p for p in flat if re.search(PROMPT_PATH, p))):
+  for i, path in enumerate(prompt_paths):
     stack = path[:-len('layer_0/prompt')]
     tables = [f'{stack}{name}/embedding' for name in WORD_EMBEDDINGS
               if f'{stack}{name}/embedding' in flat]
@@ -372,7 +373,7 @@ def init_prompts_from_vocabulary(params, spec: Prompt, rng: jax.Array) -> dict:
                              replace=spec.length > table_VxD.shape[0])
     flat[path] = table_VxD[rows].astype(flat[path].dtype)
   if without_table:
-    if len(without_table) == len([p for p in flat if re.search(PROMPT_PATH, p)]):
+    if len(without_table) == len(prompt_paths):
       raise ValueError("config.adapt.prompt.init='vocab' takes rows of the word embeddings, but "
                        f'{without_table[0]} has no word-embedding table beside it (an image '
                        "model): set config.adapt.prompt.init='uniform'.")

@@ -178,10 +178,10 @@ def generate(module: nn.Module, params, input_ids_BxT, max_new_tokens: int, *,
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
   prompt_BxT = np.asarray(input_ids_BxT)
-  if prompt_BxT.ndim != 2 or prompt_BxT.shape[1] == 0:
-    raise ValueError(f'input_ids must be a non-empty (batch, length) array, got shape '
-                     f'{prompt_BxT.shape}.')
-  b, t = prompt_BxT.shape
+  b, t = layers.check_token_inputs(prompt_BxT, attention_mask)
+  if t == 0:
+    raise ValueError(f'input_ids has no tokens (shape {prompt_BxT.shape}): give each row a '
+                     'prompt of at least one token.')
   max_positions = getattr(module.config, 'max_position_embeddings', None)
   # The last new token is returned, never fed back: the model sees t + max_new_tokens - 1
   # positions (transformers' limit too).
@@ -196,8 +196,6 @@ def generate(module: nn.Module, params, input_ids_BxT, max_new_tokens: int, *,
     mask_BxT = np.ones((b, t), np.int32)
   else:
     mask_BxT = np.asarray(attention_mask).astype(np.int32)
-    if mask_BxT.shape != (b, t):
-      raise ValueError(f'attention_mask has shape {mask_BxT.shape}, input_ids {(b, t)}.')
     if np.any(np.diff(mask_BxT, axis=1) < 0) or np.any(mask_BxT[:, -1] == 0):
       raise ValueError('generate needs prompts padded on the LEFT (attention_mask 0...0 1...1 '
                        'per row): new tokens follow the last prompt position.')
